@@ -1,0 +1,212 @@
+"""Axis analysis: run the rule table over a captured graph.
+
+:class:`AxisAnalysis` walks the unlifted ``GraphModule`` of an exported
+program once, in topological order, giving every tensor axis an atom of an
+:class:`~istfx.axes.AxisAlgebra` and applying each node's rule. Model inputs
+and outputs are frozen (their sizes are the user's contract); ops without a
+rule freeze their axes and are reported with the model's source line.
+Higher-order ops that wrap a subgraph (``torch.no_grad`` regions, autocast)
+are analysed through their subgraph.
+
+Usage::
+
+    gm = torch.export.export(model, (x,), strict=False).module()
+    result = AxisAnalysis(gm).run()
+    result.state["fc1.weight"].axes   # atoms of each dimension
+    result.diagnostics                # ops that froze axes, with source lines
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from .axes import AxisAlgebra
+from .rules import OpContext, Rewriter, bind, dims, lookup, new_atom, op_name, rule_unknown
+
+
+@dataclass(frozen=True)
+class Diagnostic:
+    """An op the analysis could not prove anything about; its axes were frozen."""
+
+    op: str
+    node: str
+    source: str
+    message: str
+
+    def __str__(self) -> str:
+        where = f" at {self.source}" if self.source else ""
+        return f"{self.op} ({self.node}){where}: {self.message}"
+
+
+@dataclass
+class StateTensor:
+    """A parameter, buffer or constant the graph reads, with one atom per dimension."""
+
+    name: str
+    kind: str  # "parameter" | "buffer" | "constant"
+    shape: tuple[int, ...]
+    axes: list[int]
+
+
+@dataclass
+class AnalysisResult:
+    alg: AxisAlgebra
+    state: dict[str, StateTensor]
+    rewriters: dict[tuple[str, str], list[Rewriter]]
+    diagnostics: list[Diagnostic]
+    node_axes: dict[tuple[str, str], Any] = field(default_factory=dict)
+    aliases: dict[str, str] = field(default_factory=dict)  # tied name -> first name
+
+
+_SUBGRAPH_OPS = ("wrap_with_set_grad_enabled", "wrap_with_autocast")
+
+
+class AxisAnalysis:
+    """Infer coupled axes of every tensor in an unlifted exported GraphModule."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        self.gm = gm
+        self.alg = AxisAlgebra()
+        self.state: dict[str, StateTensor] = {}
+        self.rewriters: dict[tuple[str, str], list[Rewriter]] = {}
+        self.diagnostics: list[Diagnostic] = []
+        self.node_axes: dict[tuple[str, str], Any] = {}
+        self._params = {n for n, _ in gm.named_parameters(remove_duplicate=False)}
+        self._buffers = {n for n, _ in gm.named_buffers(remove_duplicate=False)}
+        self._by_identity: dict[int, str] = {}  # tied weights: one tensor, several names
+        self.aliases: dict[str, str] = {}
+
+    def run(self) -> AnalysisResult:
+        self._run_graph(self.gm, "", inputs=None)
+        self.alg.propagate_flags()
+        return AnalysisResult(self.alg, self.state, self.rewriters, self.diagnostics, self.node_axes,
+                              self.aliases)
+
+    # ------------------------------------------------------------------
+    def _run_graph(self, gm: fx.GraphModule, path: str, inputs: list[Any] | None) -> Any:
+        env: dict[fx.Node, Any] = {}
+        placeholder_index = 0
+        result = None
+        for node in gm.graph.nodes:
+            if node.op == "placeholder":
+                if inputs is None:
+                    env[node] = self._model_input(node)
+                else:
+                    env[node] = inputs[placeholder_index]
+                placeholder_index += 1
+            elif node.op == "get_attr":
+                env[node] = self._state(path + node.target, gm, node) if node.users else None
+            elif node.op == "call_function":
+                env[node] = self._call(gm, path, node, env)
+            elif node.op == "call_module":
+                env[node] = None  # export's input guards: no tensors out
+            elif node.op == "output":
+                result = [_lookup(env, a) for a in _flatten(node.args[0])]
+                if inputs is None:
+                    for axes in result:
+                        for atom in _atoms(axes):
+                            self.alg.freeze(atom, "model output")
+            self.node_axes[(path, node.name)] = env.get(node)
+        return result
+
+    def _model_input(self, node: fx.Node) -> Any:
+        val = node.meta.get("val")
+        if not isinstance(val, torch.Tensor):
+            return None
+        atoms = [new_atom(self.alg, d) for d in dims(val)]
+        for a in atoms:
+            self.alg.freeze(a, "model input")
+        return atoms
+
+    def _state(self, name: str, gm: fx.GraphModule, node: fx.Node) -> Any:
+        value = _getattr_path(gm, node.target)
+        if not isinstance(value, torch.Tensor):
+            return None  # a subgraph module
+        if name in self.state:
+            return self.state[name].axes
+        first = self._by_identity.setdefault(id(value), name)
+        if first != name:  # a tied weight read under a second name: the same axes
+            self.aliases[name] = first
+            return self.state[first].axes
+        kind = "parameter" if name in self._params else "buffer" if name in self._buffers else "constant"
+        axes = [self.alg.new(s) for s in value.shape]
+        if kind == "constant":
+            for a in axes:
+                self.alg.freeze(a, "tensor constant inside the graph")
+        self.state[name] = StateTensor(name, kind, tuple(value.shape), axes)
+        return axes
+
+    def _call(self, gm: fx.GraphModule, path: str, node: fx.Node, env: dict) -> Any:
+        name = op_name(node)
+        if name.startswith("higher_order.") and name.split(".", 1)[1] in _SUBGRAPH_OPS:
+            return self._call_subgraph(gm, path, node, env)
+        ctx = OpContext(self.alg, node, bind(node), lambda v: _lookup(env, v))
+        rule = lookup(node)
+        if rule is None:
+            rule_unknown(ctx)
+            self._report(node, "no axis rule for this op; its axes are frozen")
+        else:
+            try:
+                rule(ctx)
+            except Exception as exc:  # a rule that cannot follow this call must not guess
+                ctx = OpContext(self.alg, node, bind(node), lambda v: _lookup(env, v))
+                rule_unknown(ctx, why="axis rule failed")
+                self._report(node, f"axis rule failed ({type(exc).__name__}: {exc}); its axes are frozen")
+        if ctx.rewriters:
+            self.rewriters[(path, node.name)] = ctx.rewriters
+        return ctx.outputs
+
+    def _call_subgraph(self, gm: fx.GraphModule, path: str, node: fx.Node, env: dict) -> Any:
+        args = list(node.args)
+        sub_pos = next(i for i, a in enumerate(args) if isinstance(a, fx.Node) and a.op == "get_attr"
+                       and isinstance(_getattr_path(gm, a.target), fx.GraphModule))
+        sub_target = args[sub_pos].target
+        operands = [_lookup(env, a) for a in args[sub_pos + 1:]]
+        sub = _getattr_path(gm, sub_target)
+        outputs = self._run_graph(sub, f"{path}{sub_target}.", inputs=operands)
+        return outputs
+
+    def _report(self, node: fx.Node, message: str) -> None:
+        self.diagnostics.append(Diagnostic(op_name(node), node.name, source_line(node), message))
+
+
+def source_line(node: fx.Node) -> str:
+    """'file.py:12 `code`' of the model line that produced a node, from export's stack trace."""
+    trace = node.meta.get("stack_trace") or ""
+    frames = re.findall(r'File "([^"]+)", line (\d+), in [^\n]+\n\s*([^\n]*)', trace)
+    if not frames:
+        return ""
+    file, line, code = frames[-1]
+    return f"{file}:{line} `{code.strip()}`"
+
+
+def _getattr_path(obj: Any, target: str) -> Any:
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _flatten(value: Any) -> list[Any]:
+    if isinstance(value, (list, tuple)):
+        return [x for v in value for x in _flatten(v)]
+    if isinstance(value, dict):
+        return [x for v in value.values() for x in _flatten(v)]
+    return [value]
+
+
+def _lookup(env: dict, value: Any) -> Any:
+    if isinstance(value, fx.Node):
+        return env.get(value)
+    return None
+
+
+def _atoms(axes: Any) -> list[int]:
+    if axes is None:
+        return []
+    if isinstance(axes, list) and axes and isinstance(axes[0], list):
+        return [a for sub in axes for a in _atoms(sub)]
+    return [a for a in axes if isinstance(a, int)]

@@ -1,0 +1,184 @@
+"""The plan: which groups are split, how units are dealt out each round.
+
+Default: split every *exact* group with at least S units that is not a minor
+factor of a viewed axis (head_dim stays whole); share everything else
+(replicated in every subnet, averaged on reassembly).
+
+Policies say how a group's units are dealt to subnets in a round:
+
+- :class:`Disjoint` (default): a random partition; every unit in exactly one
+  subnet, sizes differ by at most one unit (or follow ``sizes`` fractions).
+- :class:`Overlap` ``(keep=xi)``: each subnet independently keeps a random
+  ``xi`` fraction; units held by several subnets are averaged.
+- :class:`Rolling`: contiguous windows that move by one unit per round
+  (FedRolex); disjoint when the sizes add up to one.
+
+Assignments come from a generator seeded by ``(seed, round, group)``, so
+every process derives the same ones with no messages.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .analysis import Diagnostic
+from .groups import APPROXIMATE, EXACT, FROZEN, Group  # noqa: F401  (re-exported)
+
+
+@dataclass(frozen=True)
+class Disjoint:
+    """Each unit in exactly one subnet per round."""
+
+    disjoint = True
+
+    def deal(self, units: int, counts: list[int], rng: np.random.Generator, round: int) -> list[np.ndarray]:
+        perm = rng.permutation(units)
+        bounds = np.cumsum([0, *counts])
+        return [np.sort(perm[a:b]) for a, b in zip(bounds, bounds[1:])]
+
+
+@dataclass(frozen=True)
+class Overlap:
+    """Each subnet keeps a random `keep` fraction of the units, independently."""
+
+    keep: float = 0.5
+    disjoint = False
+
+    def __post_init__(self) -> None:
+        if not 0 < self.keep <= 1:
+            raise ValueError(f"overlap keep must be in (0, 1], got {self.keep}")
+
+    def deal(self, units: int, counts: list[int], rng: np.random.Generator, round: int) -> list[np.ndarray]:
+        return [np.sort(rng.permutation(units)[:c]) for c in counts]
+
+
+@dataclass(frozen=True)
+class Rolling:
+    """Contiguous windows that roll forward by one unit every round (FedRolex)."""
+
+    disjoint = True
+
+    def deal(self, units: int, counts: list[int], rng: np.random.Generator, round: int) -> list[np.ndarray]:
+        starts = np.cumsum([0, *counts[:-1]]) + round
+        return [np.sort((s + np.arange(c)) % units) for s, c in zip(starts, counts)]
+
+
+Policy = Disjoint | Overlap | Rolling
+
+
+def parse_policy(policy: str | Policy) -> Policy:
+    """'disjoint', 'rolling', 'overlap' or 'overlap(0.7)' (also accepts policy objects)."""
+    if isinstance(policy, (Disjoint, Overlap, Rolling)):
+        return policy
+    text = str(policy).strip().lower().replace(" ", "")
+    if text == "disjoint":
+        return Disjoint()
+    if text == "rolling":
+        return Rolling()
+    if text.startswith("overlap"):
+        inner = text[len("overlap"):].strip("()").replace("keep=", "")
+        return Overlap(float(inner)) if inner else Overlap()
+    raise ValueError(f"unknown policy {policy!r}: use 'disjoint', 'overlap(keep)' or 'rolling'")
+
+
+@dataclass
+class Plan:
+    """What is split, what is shared, and how units are dealt out each round."""
+
+    subnets: int
+    groups: list[Group]
+    split: list[int]  # ids of the split groups
+    policy: Policy
+    seed: int
+    sizes: tuple[float, ...] | None
+    state_kinds: dict[str, str]
+    state_shapes: dict[str, tuple[int, ...]]
+    diagnostics: list[Diagnostic] = field(default_factory=list)
+    skipped: dict[int, str] = field(default_factory=dict)  # exact groups kept whole, and why
+    token: str = ""
+    parameters_full: int = 0
+    parameters_per_subnet: list[int] = field(default_factory=list)
+
+    # -- assignment ----------------------------------------------------------
+    def counts(self, group: Group) -> list[int]:
+        """Units of `group` each subnet holds (the same every round)."""
+        return unit_counts(group.units, self.subnets, self.sizes, self.policy)
+
+    def assignment(self, round: int) -> dict[int, list[torch.Tensor]]:
+        """group id -> the sorted unit indices each subnet holds in `round`."""
+        out = {}
+        for gid in self.split:
+            group = self.groups[gid]
+            rng = np.random.default_rng([self.seed, round, gid])
+            parts = self.policy.deal(group.units, self.counts(group), rng, round)
+            out[gid] = [torch.as_tensor(p, dtype=torch.long) for p in parts]
+        return out
+
+    # -- reporting -------------------------------------------------------------
+    def group(self, gid: int) -> Group:
+        return self.groups[gid]
+
+    def to_dict(self) -> dict:
+        return {
+            "subnets": self.subnets,
+            "policy": type(self.policy).__name__.lower()
+            + (f"({self.policy.keep})" if isinstance(self.policy, Overlap) else ""),
+            "seed": self.seed,
+            "sizes": list(self.sizes) if self.sizes else None,
+            "groups": [
+                {
+                    "id": g.id,
+                    "units": g.units,
+                    "status": g.status,
+                    "split": g.id in self.split,
+                    "units_per_subnet": self.counts(g) if g.id in self.split else None,
+                    "reasons": g.reasons,
+                    "kept_whole": self.skipped.get(g.id),
+                    "inner": g.inner,
+                    "members": [
+                        {"tensor": m.tensor, "dim": m.dim, "offset": m.offset, "length": m.length,
+                         "unit": m.unit}
+                        for m in g.members
+                    ],
+                }
+                for g in self.groups
+            ],
+            "diagnostics": [
+                {"op": d.op, "node": d.node, "source": d.source, "message": d.message} for d in self.diagnostics
+            ],
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def __str__(self) -> str:
+        from .report import format_plan
+
+        return format_plan(self)
+
+
+def unit_counts(units: int, subnets: int, sizes: Sequence[float] | None, policy: Policy) -> list[int]:
+    """How many units each subnet holds: near-equal shares, or `sizes` fractions."""
+    if sizes is None:
+        if isinstance(policy, Overlap):
+            return [max(1, round(policy.keep * units))] * subnets
+        base, extra = divmod(units, subnets)
+        return [base + (1 if s < extra else 0) for s in range(subnets)]
+    raw = [f * units for f in sizes]
+    counts = [max(1, int(r)) for r in raw]
+    if policy.disjoint:
+        budget = min(units, round(sum(raw)))
+        order = sorted(range(subnets), key=lambda s: raw[s] - int(raw[s]), reverse=True)
+        k = 0
+        while sum(counts) < budget:
+            counts[order[k % subnets]] += 1
+            k += 1
+    return [min(c, units) for c in counts]
+
+
+__all__ = ["Plan", "Disjoint", "Overlap", "Rolling", "parse_policy", "unit_counts",
+           "EXACT", "APPROXIMATE", "FROZEN"]

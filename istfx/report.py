@@ -1,0 +1,37 @@
+"""Human-readable plan: what is split, what is shared, sizes per subnet."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .plan import Plan
+
+
+def format_plan(plan: "Plan") -> str:
+    """A compact text table of a plan, as ``print(ist.plan)`` and ``istfx inspect`` show it."""
+    lines = [f"IST plan: {plan.subnets} subnets, policy={plan.to_dict()['policy']}, seed={plan.seed}"]
+    per = plan.parameters_per_subnet
+    if per:
+        full = plan.parameters_full or 1
+        shown = ", ".join(f"{p:,}" for p in per[:8]) + (" ..." if len(per) > 8 else "")
+        lines.append(f"parameters: full {plan.parameters_full:,}; per subnet {shown} "
+                     f"({max(per) / full:.1%} of full at most)")
+    lines.append("")
+    lines.append(f"{'group':>6}  {'units':>6}  {'status':<11}  {'decision':<28}  members")
+    for g in plan.groups:
+        if g.id in plan.split:
+            counts = plan.counts(g)
+            decision = f"split {'/'.join(map(str, counts[:4]))}{'/...' if len(counts) > 4 else ''}"
+        elif g.status == "exact":
+            decision = "shared: " + plan.skipped.get(g.id, "")
+        else:
+            decision = "shared"
+        members = ", ".join(str(m) for m in g.members[:3]) + (f", +{len(g.members) - 3}" if len(g.members) > 3 else "")
+        lines.append(f"{'g' + str(g.id):>6}  {g.units:>6}  {g.status:<11}  {decision[:28]:<28}  {members}")
+        if g.status != "exact" and g.reasons:
+            lines.append(f"{'':>6}  {'':>6}  {'':<11}  why: {g.reasons[0]}")
+    if plan.diagnostics:
+        lines.append("")
+        lines.append(f"diagnostics ({len(plan.diagnostics)} op(s) without a rule; their axes are frozen):")
+        lines.extend(f"  - {d}" for d in plan.diagnostics)
+    return "\n".join(lines)

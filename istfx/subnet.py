@@ -1,0 +1,103 @@
+"""Subnet templates: the captured graph with shape constants rewritten for smaller axes.
+
+A template depends only on how many units of each group a subnet holds, so
+it is built once per size signature and reused every round; a round only
+instantiates it with freshly sliced parameters (:meth:`SubnetTemplate.instantiate`),
+a shallow copy of the module tree that shares the generated code.
+
+Usage::
+
+    template = SubnetTemplate(captured.module, analysis, new_size)
+    subnet = template.instantiate({"fc1.weight": w_slice, ...})
+    subnet(x)   # same call signature and output structure as the model
+"""
+from __future__ import annotations
+
+import copy
+from typing import Callable
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .analysis import AnalysisResult
+
+
+class SubnetTemplate:
+    """A copy of the unlifted graph module whose shape constants fit smaller axes."""
+
+    def __init__(self, base: fx.GraphModule, analysis: AnalysisResult, new_size: Callable[[int], int]) -> None:
+        # Copy graph and code, not weights: state tensors become empty placeholders.
+        memo = {id(t): torch.empty(0, dtype=t.dtype) for t in _state_tensors(base)}
+        module = copy.deepcopy(base, memo)
+        touched: set[int] = set()
+        for (path, node_name), rewriters in analysis.rewriters.items():
+            graph_module = module if not path else _get(module, path.rstrip("."))
+            node = _node(graph_module, node_name)
+            for rewrite in rewriters:
+                rewrite(node, new_size)
+            touched.add(id(graph_module))
+        for sub in module.modules():
+            if isinstance(sub, fx.GraphModule) and id(sub) in touched:
+                sub.recompile()
+        self.module = module
+        self.used = set(analysis.state) | set(analysis.aliases)
+        self.aliases = dict(analysis.aliases)
+
+    def instantiate(self, tensors: dict[str, torch.Tensor], requires_grad: dict[str, bool]) -> nn.Module:
+        """A new module sharing the template's code, holding `tensors` as its state."""
+        params: dict[str, nn.Parameter] = {}
+
+        def value_for(fqn: str, is_param: bool):
+            name = self.aliases.get(fqn, fqn)
+            tensor = tensors[name]
+            if not is_param:
+                return tensor
+            if name not in params:
+                params[name] = nn.Parameter(tensor, requires_grad=requires_grad.get(name, True))
+            return params[name]
+
+        def clone(mod: nn.Module, prefix: str) -> nn.Module:
+            new = copy.copy(mod)
+            new._parameters = {
+                k: value_for(prefix + k, True) for k, v in mod._parameters.items()
+                if v is not None and prefix + k in self.used
+            }
+            new._buffers = {
+                k: value_for(prefix + k, False) for k, v in mod._buffers.items()
+                if v is not None and prefix + k in self.used
+            }
+            new._modules = {k: clone(child, f"{prefix}{k}.") for k, child in mod._modules.items()}
+            for k, v in list(mod.__dict__.items()):
+                fqn = prefix + k
+                if isinstance(v, torch.Tensor) and not isinstance(v, nn.Parameter) and fqn in tensors:
+                    object.__setattr__(new, k, tensors[fqn])  # graph constants
+            return new
+
+        return clone(self.module, "")
+
+
+def _state_tensors(module: nn.Module):
+    seen = set()
+    for mod in module.modules():
+        for t in list(mod._parameters.values()) + list(mod._buffers.values()):
+            if t is not None and id(t) not in seen:
+                seen.add(id(t))
+                yield t
+        for v in mod.__dict__.values():
+            if isinstance(v, torch.Tensor) and id(v) not in seen:
+                seen.add(id(v))
+                yield v
+
+
+def _get(obj, path: str):
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _node(gm: fx.GraphModule, name: str) -> fx.Node:
+    for node in gm.graph.nodes:
+        if node.name == name:
+            return node
+    raise KeyError(f"node {name} not found in the template graph")

@@ -1,0 +1,38 @@
+"""Helpers for checking the IST invariants (used by the test suite, usable by anyone).
+
+Mask equivalence: a subnet of an exact split equals the full model with the
+parameters of the units it does not hold set to zero.
+"""
+from __future__ import annotations
+
+import torch
+
+from .compiler import ISTModel
+from .slicing import RoundSlices, _scatter
+
+
+def held_mask(slices: RoundSlices, name: str, shape: torch.Size, subnet: int) -> torch.Tensor:
+    """1 where subnet `subnet` holds an element of tensor `name`, 0 elsewhere."""
+    mask = torch.zeros(shape)
+    index = slices.indices[subnet][name]
+    held_shape = [size if i is None else len(i) for size, i in zip(shape, index)]
+    _scatter(mask, index, torch.ones(held_shape))
+    return mask
+
+
+def masked_state(ist: ISTModel, slices: RoundSlices, subnet: int) -> dict[str, torch.Tensor]:
+    """The model's parameters and buffers with every unit `subnet` does not hold zeroed."""
+    out = {}
+    for name in ist.trainable_state:
+        full = ist.state_tensor(name).detach().clone()
+        if slices.is_cut(name):
+            full = full * held_mask(slices, name, full.shape, subnet).to(full.dtype)
+        out[name] = full
+    return out
+
+
+def load_state(ist: ISTModel, state: dict[str, torch.Tensor]) -> None:
+    """Copy tensors by captured name into the user's model, in place."""
+    with torch.no_grad():
+        for name, value in state.items():
+            ist.state_tensor(name).copy_(value)

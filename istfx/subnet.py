@@ -14,10 +14,12 @@ Usage::
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Callable
 
 import torch
 import torch.fx as fx
+import torch.utils._pytree as pytree
 from torch import nn
 
 from .analysis import AnalysisResult
@@ -29,7 +31,11 @@ class SubnetTemplate:
     def __init__(self, base: fx.GraphModule, analysis: AnalysisResult, new_size: Callable[[int], int]) -> None:
         # Copy graph and code, not weights: state tensors become empty placeholders.
         memo = {id(t): torch.empty(0, dtype=t.dtype) for t in _state_tensors(base)}
-        module = copy.deepcopy(base, memo)
+        # Pytree specs are immutable: share them rather than copy.
+        memo.update({id(v): v for v in base.__dict__.values() if isinstance(v, pytree.TreeSpec)})
+        with warnings.catch_warnings():  # torch's own pytree deprecation notices while copying specs
+            warnings.simplefilter("ignore", FutureWarning)
+            module = copy.deepcopy(base, memo)
         touched: set[int] = set()
         for (path, node_name), rewriters in analysis.rewriters.items():
             graph_module = module if not path else _get(module, path.rstrip("."))
@@ -67,6 +73,10 @@ class SubnetTemplate:
                 k: value_for(prefix + k, False) for k, v in mod._buffers.items()
                 if v is not None and prefix + k in self.used
             }
+            for k, v in list(mod._parameters.items()) + list(mod._buffers.items()):
+                if v is not None and prefix + k not in self.used:
+                    # Read by the generated code but unused (e.g. a tied weight's second name).
+                    object.__setattr__(new, k, v.detach())
             new._modules = {k: clone(child, f"{prefix}{k}.") for k, child in mod._modules.items()}
             for k, v in list(mod.__dict__.items()):
                 fqn = prefix + k

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Creates .venv with istfx and its test extras. Idempotent; safe to re-run.
+# torch is pinned first: a bare `pip install torch` may pull a multi-GB CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q "torch==${TORCH_VERSION:-2.13.0}"
+.venv/bin/python -m pip install -q -e ".[test]"

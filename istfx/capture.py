@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+import torch.fx.experimental._config as fx_config
 from torch import nn
 from torch.export import Dim
 
@@ -131,6 +132,20 @@ def dynamic_dims(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, di
             {k: result[("k", k)] for k in kwargs})
 
 
+def _export(model: nn.Module, args: tuple, kwargs: dict, shapes: dict) -> torch.export.ExportedProgram:
+    """Export so that dynamic dims also admit size 1 (a batch of one), else as export prefers.
+
+    Size-oblivious export keeps a dynamic dim from being assumed >= 2; a model
+    that branches on a size being 1 cannot be exported that way, and is
+    exported with the default assumptions instead.
+    """
+    try:
+        with fx_config.patch(backed_size_oblivious=True):
+            return torch.export.export(model, args, kwargs=kwargs, dynamic_shapes=shapes, strict=False)
+    except Exception:
+        return torch.export.export(model, args, kwargs=kwargs, dynamic_shapes=shapes, strict=False)
+
+
 def _grown(value: torch.Tensor, dim: int, extra: int) -> torch.Tensor:
     last = value.narrow(dim, value.shape[dim] - 1, 1)
     return torch.cat([value, last.expand(*[extra if i == dim else -1 for i in range(value.dim())])], dim=dim)
@@ -168,7 +183,7 @@ def capture(model: nn.Module, args: tuple, kwargs: dict) -> Captured:
     was_training = model.training
     model.train()
     try:
-        program = torch.export.export(model, tuple(args), kwargs=dict(kwargs), dynamic_shapes=shapes, strict=False)
+        program = _export(model, tuple(args), dict(kwargs), shapes)
     except Exception as exc:
         raise CaptureError(
             f"torch.export could not capture {type(model).__name__}: {type(exc).__name__}: "

@@ -1,0 +1,133 @@
+"""Contractions: linear, matmul, convolution, attention, einsum."""
+from __future__ import annotations
+
+
+
+from ..axes import PRODUCT
+from .context import OpContext, op_name
+from .elementwise import rule_unknown
+
+
+def rule_linear(ctx: OpContext) -> None:
+    x, w = ctx.axes("input"), ctx.axes("weight")
+    ctx.same(x[-1], w[1])  # contraction over in_features
+    if ctx.arg("bias") is not None:
+        ctx.same(w[0], ctx.axes("bias")[0])
+    ctx.output([*x[:-1], w[0]])
+
+
+def rule_addmm(ctx: OpContext) -> None:
+    m1, m2 = ctx.axes("mat1"), ctx.axes("mat2")
+    ctx.same(m1[1], m2[0])
+    out = [m1[0], m2[1]]
+    ctx.broadcast(out, [ctx.axes("self")])
+    ctx.output(out)
+
+
+def rule_mm(ctx: OpContext) -> None:
+    a, b = ctx.axes("self"), ctx.axes("mat2")
+    ctx.same(a[-1], b[-2])
+    out = [*a[:-1], b[-1]]
+    if len(a) == 3:
+        ctx.same(a[0], b[0])
+    ctx.output(out)
+
+
+def rule_matmul(ctx: OpContext) -> None:
+    a, b = ctx.axes("self"), ctx.axes("other")
+    if len(a) == 1 and len(b) == 1:
+        ctx.same(a[0], b[0])
+        ctx.output([])
+        return
+    a_rows, a_k = (a[:-1], a[-1])
+    b_k, b_cols = (b[0], []) if len(b) == 1 else (b[-2], [b[-1]])
+    ctx.same(a_k, b_k)
+    batch_a = a[:-2] if len(a) >= 2 else []
+    batch_b = b[:-2] if len(b) >= 2 else []
+    out_dims = ctx.out_dims()
+    out = ctx.fresh(out_dims)
+    n_batch = len(out_dims) - (len(a_rows) - len(batch_a)) - len(b_cols)
+    ctx.broadcast(out[:n_batch], [batch_a, batch_b])
+    tail = ([a[-2]] if len(a) >= 2 else []) + b_cols
+    for o, t in zip(out[n_batch:], tail):
+        ctx.same(o, t)
+    ctx.output(out)
+
+
+def rule_baddbmm(ctx: OpContext) -> None:
+    a, b = ctx.axes("batch1"), ctx.axes("batch2")
+    ctx.same(a[0], b[0])
+    ctx.same(a[2], b[1])
+    out = [a[0], a[1], b[2]]
+    ctx.broadcast(out, [ctx.axes("self")])
+    ctx.output(out)
+
+
+def rule_conv(ctx: OpContext) -> None:
+    x, w = ctx.axes("input"), ctx.axes("weight")
+    transposed = bool(ctx.arg("transposed", False)) or "transpose" in op_name(ctx.node)
+    groups = int(ctx.arg("groups", 1) or 1)
+    out_dims = ctx.out_dims()
+    unbatched = len(x) == len(w) - 1
+    out = ctx.fresh(out_dims)
+    c_in, c_out = (w[0], w[1]) if transposed else (w[1], w[0])
+    x_ch, out_ch = (x[0], out[0]) if unbatched else (x[1], out[1])
+    if not unbatched:
+        ctx.same(out[0], x[0])
+    for a in w[2:]:
+        ctx.freeze(a, "convolution kernel window")
+    for a in out[len(out) - (len(w) - 2):]:
+        ctx.freeze(a, "spatial size follows the input")
+    if groups == 1:
+        ctx.same(x_ch, c_in)
+        ctx.same(out_ch, c_out)
+    elif ctx.dim(x_ch) == groups and ctx.dim(out_ch) == groups and not transposed:
+        ctx.same(x_ch, out_ch)  # depthwise: channel c only sees channel c
+        ctx.same(out_ch, w[0])
+        ctx.freeze(w[1], "depthwise kernel axis")
+    else:
+        for a in (x_ch, out_ch, w[0], w[1]):
+            ctx.freeze(a, f"grouped convolution (groups={groups})")
+    if ctx.arg("bias") is not None:
+        ctx.same(out_ch, ctx.axes("bias")[0])
+    ctx.output(out)
+
+
+def rule_sdpa(ctx: OpContext) -> None:
+    """scaled_dot_product_attention(q [..., L, E], k [..., S, E], v [..., S, Ev])."""
+    q, k, v = ctx.axes("query"), ctx.axes("key"), ctx.axes("value")
+    ctx.same(q[-1], k[-1])  # contracted head_dim
+    ctx.same(k[-2], v[-2])  # keys and values share the key positions
+    ctx.approximate(k[-2], "softmax over")
+    if ctx.arg("scale") is None:
+        ctx.approximate(q[-1], "default 1/sqrt(head_dim) scale depends on its size")
+    if ctx.arg("enable_gqa", False) and len(q) >= 3 and ctx.dim(q[-3]) != ctx.dim(k[-3]):
+        groups, _ = ctx.alg.refine(q[-3], PRODUCT, [ctx.dim(k[-3]), ctx.dim(q[-3]) // ctx.dim(k[-3])])
+        ctx.same(groups, k[-3])
+        ctx.same(k[-3], v[-3])
+        batch = q[:-3]
+        ctx.broadcast(batch, [k[:-3], v[:-3]])
+    else:
+        ctx.broadcast(q[:-2], [k[:-2], v[:-2]])
+    mask = ctx.arg("attn_mask")
+    if mask is not None:
+        ctx.broadcast([*q[:-1], k[-2]], [ctx.axes(mask)])
+    ctx.output([*q[:-1], v[-1]])
+
+
+def rule_einsum(ctx: OpContext) -> None:
+    equation = ctx.arg("equation").replace(" ", "")
+    operands = list(ctx.arg("tensors"))
+    lhs, _, rhs = equation.partition("->")
+    if "..." in equation or not rhs:
+        rule_unknown(ctx, "einsum with ellipsis or implicit output")
+        return
+    letters: dict[str, int] = {}
+    for spec, t in zip(lhs.split(","), operands):
+        for ch, a in zip(spec, ctx.axes(t)):
+            if ch in letters:
+                if ctx.dim(a) == ctx.dim(letters[ch]) or ctx.dim(a) != 1:
+                    ctx.same(letters[ch], a)
+            else:
+                letters[ch] = a
+    ctx.output([letters[ch] for ch in rhs])

@@ -1,0 +1,87 @@
+"""Elementwise, creation and bookkeeping ops, and the fallback that freezes unknown ops."""
+from __future__ import annotations
+
+
+import torch
+
+from .context import OpContext, _flat_values, dims, op_name
+from .reshape import _rewrite_size_list
+
+
+def rule_pointwise(ctx: OpContext) -> None:
+    """Elementwise op with broadcasting; scalars and non-tensors are ignored."""
+    tensors = [v for v in _flat_values(ctx.bound) if ctx.is_tensor(v)]
+    out = ctx.fresh(ctx.out_dims())
+    ctx.broadcast(out, [ctx.axes(t) for t in tensors])
+    ctx.output(out)
+
+
+def rule_identity(ctx: OpContext) -> None:
+    """Output has the input's axes (copies, casts, in-place ops on `self`)."""
+    first = next(iter(ctx.bound.values()))
+    ctx.output(list(ctx.axes(first)))
+
+
+def rule_no_output(ctx: OpContext) -> None:
+    ctx.output(None)
+
+
+def rule_creation(ctx: OpContext) -> None:
+    """zeros/ones/full/empty/new_*: constant values; sizes follow the axes they meet."""
+    out = ctx.fresh(ctx.out_dims())
+    if "self" in ctx.bound and op_name(ctx.node).endswith("_like"):
+        ctx.broadcast(out, [ctx.axes("self")])
+    name = next((n for n in ("size", "shape") if n in ctx.bound), None)
+    if name is not None and isinstance(ctx.arg(name), (list, tuple)):
+        ctx.rewrite(_rewrite_size_list(name, out))
+    ctx.output(out)
+
+
+def rule_positions(ctx: OpContext) -> None:
+    """arange/tril/triu/eye: values depend on the position along an axis."""
+    out = ctx.fresh(ctx.out_dims())
+    for a in out:
+        ctx.freeze(a, "values are positions")
+    if "self" in ctx.bound and ctx.is_tensor(ctx.arg("self")):
+        ctx.broadcast(out, [ctx.axes("self")])
+    ctx.output(out)
+
+
+def rule_copy(ctx: OpContext) -> None:
+    x = ctx.axes("self")
+    ctx.broadcast(x, [ctx.axes("src")])
+    ctx.output(list(x))
+
+
+def rule_getitem(ctx: OpContext) -> None:
+    seq, i = ctx.node.args
+    items = ctx.axes_of(seq)
+    ctx.output(items[i] if items is not None else None)
+
+
+def rule_prelu(ctx: OpContext) -> None:
+    x, w = ctx.axes("self"), ctx.axes("weight")
+    if ctx.dim(w[0]) != 1:
+        ctx.same(x[1] if len(x) > 1 else x[0], w[0])
+    ctx.output(list(x))
+
+
+def rule_unknown(ctx: OpContext, why: str = "no axis rule for this op") -> None:
+    """Freeze every axis an op touches; the analysis reports it with its source line."""
+    for v in _flat_values(ctx.bound):
+        if ctx.is_tensor(v):
+            for a in ctx.axes(v):
+                ctx.alg.freeze(a, f"{why}: {op_name(ctx.node)}")
+    val = ctx.node.meta.get("val")
+    if isinstance(val, (tuple, list)):
+        outs = []
+        for k, v in enumerate(val):
+            outs.append(ctx.fresh(dims(v)) if isinstance(v, torch.Tensor) else None)
+        ctx.output(outs)
+    elif isinstance(val, torch.Tensor):
+        ctx.output(ctx.fresh(ctx.out_dims()))
+    else:
+        ctx.output(None)
+    for group in ctx.outputs if isinstance(val, (tuple, list)) else [ctx.outputs]:
+        for a in group or []:
+            ctx.alg.freeze(a, f"{why}: {op_name(ctx.node)}")

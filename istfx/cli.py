@@ -24,8 +24,9 @@ import json
 import sys
 import traceback
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -34,7 +35,7 @@ import istfx
 from istfx.errors import ISTError
 from istfx.plan import parse_policy
 
-__all__ = ["main", "load_model_file", "CLIError"]
+__all__ = ["CLIError", "load_model_file", "main"]
 
 EXIT_OK = 0
 EXIT_ERROR = 2
@@ -76,8 +77,9 @@ class CLIError(Exception):
 def load_model_file(path: str | Path) -> tuple[nn.Module, Any]:
     """Run a model file and return ``(model, example_inputs or None)``.
 
-    The file's folder is put first on ``sys.path`` while it runs (and removed
-    afterwards), so a model file can import modules next to it.
+    The file's folder is put first on ``sys.path`` while the file and its
+    ``build_model()`` run (and removed afterwards), so a model file can import
+    modules next to it.
     """
     path = Path(path)
     if not path.exists():
@@ -94,31 +96,33 @@ def load_model_file(path: str | Path) -> tuple[nn.Module, Any]:
     sys.path.insert(0, folder)
     sys.modules[name] = module
     try:
-        spec.loader.exec_module(module)
-    except Exception as exc:
-        raise CLIError(f"{path.name} failed while loading: {_describe(exc, path)}") from exc
+        try:
+            spec.loader.exec_module(module)  # stays in sys.modules: the model's classes live there
+        except Exception as exc:
+            sys.modules.pop(name, None)
+            raise CLIError(f"{path.name} failed while loading: {_describe(exc, path)}") from exc
+        model, where = _model_of(module, path)
     finally:
-        sys.modules.pop(name, None)
         with contextlib.suppress(ValueError):
             sys.path.remove(folder)
-
-    if hasattr(module, "model"):
-        model = module.model
-        where = "model"
-    elif callable(getattr(module, "build_model", None)):
-        try:
-            model = module.build_model()
-        except Exception as exc:
-            raise CLIError(f"build_model() in {path.name} failed: {_describe(exc, path)}") from exc
-        where = "build_model()"
-    else:
-        raise CLIError(
-            f"{path.name} defines neither `model` nor `build_model()`: add `model = MyModel(...)` "
-            "or `def build_model(): return MyModel(...)` (and optionally `example_inputs = ...`)"
-        )
     if not isinstance(model, nn.Module):
         raise CLIError(f"`{where}` in {path.name} is a {type(model).__name__}, not a torch.nn.Module")
     return model, getattr(module, "example_inputs", None)
+
+
+def _model_of(module: Any, path: Path) -> tuple[Any, str]:
+    """The file's `model`, or what its `build_model()` returns, and which one it was."""
+    if hasattr(module, "model"):
+        return module.model, "model"
+    if callable(getattr(module, "build_model", None)):
+        try:
+            return module.build_model(), "build_model()"
+        except Exception as exc:
+            raise CLIError(f"build_model() in {path.name} failed: {_describe(exc, path)}") from exc
+    raise CLIError(
+        f"{path.name} defines neither `model` nor `build_model()`: add `model = MyModel(...)` "
+        "or `def build_model(): return MyModel(...)` (and optionally `example_inputs = ...`)"
+    )
 
 
 def _describe(exc: BaseException, path: Path) -> str:
@@ -142,8 +146,8 @@ def _add_inspect(subparsers) -> None:
     p = subparsers.add_parser(
         "inspect",
         help="compile a model file and show what is split and what is shared",
-        description="Capture the model defined in MODEL.py, analyse its coupled axes and print "
-                    "the IST plan: which groups are split across subnets, which are shared and "
+        description="Capture the model defined in MODEL.py, analyse its coupled axes and print\n"
+                    "the IST plan: which groups are split across subnets, which are shared and\n"
                     "why, and the parameters each subnet holds.",
         epilog=_INSPECT_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -176,7 +180,9 @@ def _run_inspect(args: argparse.Namespace) -> int:
     try:
         policy = parse_policy(args.policy)
     except ValueError as exc:
-        raise CLIError(f"--policy: {exc}") from None
+        hint = "" if "unknown policy" in str(exc) else (
+            "; use 'disjoint', 'overlap(KEEP)' with 0 < KEEP <= 1, or 'rolling'")
+        raise CLIError(f"--policy {args.policy!r}: {exc}{hint}") from None
     graph_path = Path(args.graph) if args.graph else None
     if graph_path is not None and graph_path.parent and not graph_path.parent.is_dir():
         raise CLIError(f"--graph: folder {graph_path.parent} does not exist")

@@ -143,8 +143,7 @@ class ISTModel:
         for subnet, weight in zip(subnets, weights):
             index = subnet.istfx_subnet.index
             state = _named_state(subnet)
-            bad = [n for n in self.trainable_state if n in state and state[n].is_floating_point()
-                   and not bool(torch.isfinite(state[n]).all())]
+            bad = [n for n in self.trainable_state if n in state and not _all_finite(state[n])]
             if bad:
                 reason = f"non-finite values in {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}"
                 if on_nonfinite == "raise":
@@ -212,6 +211,14 @@ class ISTModel:
 
     def __repr__(self) -> str:
         return f"ISTModel({type(self.model).__name__}, subnets={self.plan.subnets})"
+
+
+def _all_finite(tensor: torch.Tensor) -> bool:
+    """One pass: NaN propagates through min/max and +-inf shows in them."""
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return True
+    low, high = torch.aminmax(tensor.detach())
+    return bool(torch.isfinite(low) & torch.isfinite(high))
 
 
 def _slice_shape(slices: RoundSlices, name: str, shape, subnet: int) -> tuple[int, ...]:

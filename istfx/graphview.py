@@ -20,20 +20,20 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.fx as fx
+from torch import fx
 
 from .svg import SvgNode, render_graph_svg
 
 if TYPE_CHECKING:
     from .compiler import ISTModel
 
-__all__ = ["plan_graph_svg", "node_split_groups"]
+__all__ = ["node_split_groups", "plan_graph_svg"]
 
 _DRAWN_OPS = ("placeholder", "get_attr", "call_function")
-_LEGEND_MEMBERS = 2
+_LEGEND_CHARS = 60
 
 
-def node_split_groups(ist: "ISTModel") -> dict[str, int | None]:
+def node_split_groups(ist: ISTModel) -> dict[str, int | None]:
     """Top-level node name -> id of the split group its output is cut along (or None).
 
     Only nodes that :func:`plan_graph_svg` draws are listed. For a node with
@@ -68,7 +68,7 @@ def _group_of(axes: Any, alg, by_root: dict[int, int]) -> int | None:
     return None
 
 
-def plan_graph_svg(ist: "ISTModel", title: str | None = None) -> str:
+def plan_graph_svg(ist: ISTModel, title: str | None = None) -> str:
     """Render the captured graph of `ist` as an SVG document, one colour per split group.
 
     Args:
@@ -105,9 +105,11 @@ def plan_graph_svg(ist: "ISTModel", title: str | None = None) -> str:
     legend = {}
     for gid in plan.split:
         group = plan.groups[gid]
-        shown = ", ".join(str(m) for m in group.members[:_LEGEND_MEMBERS])
-        more = ", ..." if len(group.members) > _LEGEND_MEMBERS else ""
-        legend[f"g{gid}"] = f"split {group.units} units ({shown}{more})"
+        places = list(dict.fromkeys(f"{m.tensor}[{m.dim}]" for m in group.members))
+        text = f"split {group.units} units ({places[0]}, ...)" if len(places) > 1 else ""
+        if not text or len(f"g{gid}: {text}") > _LEGEND_CHARS:  # the renderer cuts longer lines
+            text = f"split {group.units} units ({places[0]})"
+        legend[f"g{gid}"] = text
 
     if title is None:
         title = (f"{type(ist.model).__name__}: {plan.subnets} subnets, "

@@ -22,14 +22,13 @@ def format_plan(plan: "Plan") -> str:
         if g.id in plan.split:
             counts = plan.counts(g)
             decision = f"split {'/'.join(map(str, counts[:4]))}{'/...' if len(counts) > 4 else ''}"
-        elif g.status == "exact":
-            decision = "shared: " + plan.skipped.get(g.id, "")
         else:
             decision = "shared"
         members = ", ".join(str(m) for m in g.members[:3]) + (f", +{len(g.members) - 3}" if len(g.members) > 3 else "")
         lines.append(f"{'g' + str(g.id):>6}  {g.units:>6}  {g.status:<11}  {decision[:28]:<28}  {members}")
-        if g.status != "exact" and g.reasons:
-            lines.append(f"{'':>6}  {'':>6}  {'':<11}  why: {g.reasons[0]}")
+        why = g.reasons[0] if g.status != "exact" and g.reasons else plan.skipped.get(g.id)
+        if why:
+            lines.append(f"{'':>6}  {'':>6}  {'':<11}  why: {why}")
     if plan.diagnostics:
         lines.append("")
         lines.append(f"diagnostics ({len(plan.diagnostics)} op(s) without a rule; their axes are frozen):")

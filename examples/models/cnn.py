@@ -6,7 +6,6 @@ IST splits the convolution channels (with their BatchNorm entries) and the
 hidden units of the classifier; the input channel and the logits are shared.
 """
 import torch
-
 from istfx.models import SmallCNN
 
 model = SmallCNN()

@@ -18,6 +18,8 @@ config = GPT2Config(
     embd_pdrop=0.0,
     attn_pdrop=0.0,
     use_cache=False,
+    bos_token_id=0,
+    eos_token_id=0,
 )
 model = GPT2LMHeadModel(config)
 example_inputs = {"input_ids": torch.randint(0, config.vocab_size, (2, 16))}

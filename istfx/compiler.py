@@ -10,11 +10,12 @@ Usage::
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import uuid
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -63,6 +64,7 @@ class ISTModel:
         self._templates: dict[tuple[int, ...], SubnetTemplate] = {}
         self._open: tuple[int, RoundSlices] | None = None
         self._requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+        self._fold_targets: list[str] = []
 
     # -- model state -------------------------------------------------------------
     def state_tensor(self, name: str) -> torch.Tensor:
@@ -94,29 +96,79 @@ class ISTModel:
         if not isinstance(round, int) or round < 0:
             raise ISTError(f"round must be a non-negative int, got {round!r}")
         slices = self.slices(round)
+        held_blocks = self.plan.block_assignment(round)
         subnets = []
         for s in range(self.plan.subnets):
-            tensors = {name: slices.take(name, self.state_tensor(name).detach(), s) for name in self.plan.state_kinds}
-            subnet = self.template(s).instantiate(tensors, self._requires_grad)
+            template = self.template(s, held_blocks[s])
+            tensors = {name: slices.take(name, self.state_tensor(name).detach(), s)
+                       for name in self.plan.state_kinds if name in template.used}
+            subnet = template.instantiate(tensors, self._requires_grad)
             subnet.istfx_subnet = SubnetInfo(self.plan.token, round, s)
             subnets.append(subnet)
         self._open = (round, slices)
         return subnets
 
-    def template(self, subnet: int) -> SubnetTemplate:
-        """The (cached) graph template for subnet slot `subnet`."""
-        signature = tuple(self.plan.counts(self.plan.groups[g])[subnet] for g in self.plan.split)
-        if signature not in self._templates:
+    def template(self, subnet: int, held_blocks: Sequence[int] = ()) -> SubnetTemplate:
+        """The (cached) graph template for subnet slot `subnet` holding `held_blocks`."""
+        sizes = tuple(self.plan.counts(self.plan.groups[g])[subnet] for g in self.plan.split)
+        dropped = tuple(b for b in range(len(self.plan.blocks)) if b not in set(held_blocks))
+        key = (sizes, dropped)
+        if key not in self._templates:
             alg = self.analysis.alg
             kept_by_leaf = {
-                alg.find(self.plan.groups[g].atom): n for g, n in zip(self.plan.split, signature)
+                alg.find(self.plan.groups[g].atom): n for g, n in zip(self.plan.split, sizes)
             }
 
             def new_size(atom: int) -> int:
                 return alg.new_size(atom, lambda leaf: kept_by_leaf.get(alg.find(leaf), alg.size(leaf)))
 
-            self._templates[signature] = SubnetTemplate(self.captured.module, self.analysis, new_size)
-        return self._templates[signature]
+            drop = [br for b in dropped for br in self.plan.blocks[b].branches]
+            scale = []
+            if self.plan.depth_scaling == "train":
+                factor = 1.0 / self.plan.keep_probability
+                scale = [(br, factor) for b in held_blocks for br in self.plan.blocks[b].branches]
+            self._templates[key] = SubnetTemplate(self.captured.module, self.analysis, new_size, drop, scale)
+        return self._templates[key]
+
+    # -- depth scaling -----------------------------------------------------------
+    @contextlib.contextmanager
+    def inference_scaling(self) -> Iterator[nn.Module]:
+        """Temporarily scale droppable branches by p in the user's model (ResIST evaluation).
+
+        With ``depth_scaling="eval"`` each droppable block was active with
+        probability p during training, so the full model runs its branches
+        scaled by p; the scale is folded into the branch's last linear
+        parameters and exactly restored on exit. With ``"train"`` (or no
+        depth) nothing changes.
+        """
+        saved = self._apply_branch_scaling()
+        try:
+            yield self.model
+        finally:
+            with torch.no_grad():
+                for name, value in saved.items():
+                    self.state_tensor(name).copy_(value)
+
+    def finalize(self) -> nn.Module:
+        """Fold the evaluation scaling into the model for good (call once, after training).
+
+        Afterwards the user's model is ready for inference with no hand edits.
+        Returns the model.
+        """
+        self._apply_branch_scaling()
+        return self.model
+
+    def _apply_branch_scaling(self) -> dict[str, torch.Tensor]:
+        saved: dict[str, torch.Tensor] = {}
+        if not self.plan.blocks or self.plan.depth_scaling != "eval":
+            return saved
+        p = self.plan.keep_probability
+        with torch.no_grad():
+            for name in self._fold_targets:
+                tensor = self.state_tensor(name)
+                saved[name] = tensor.detach().clone()
+                tensor.mul_(p)
+        return saved
 
     def reassemble(
         self,
@@ -200,12 +252,14 @@ class ISTModel:
         return round, slices
 
     # -- sizes -------------------------------------------------------------------
-    def subnet_parameter_counts(self) -> list[int]:
-        """Parameters each subnet holds (the same every round)."""
-        slices = self.slices(0)
+    def subnet_parameter_counts(self, round: int = 0) -> list[int]:
+        """Parameters each subnet holds in `round` (the same every round without depth)."""
+        slices = self.slices(round)
+        held = self.plan.block_assignment(round)
         params = [n for n, k in self.plan.state_kinds.items() if k == "parameter"]
         return [
-            sum(math.prod(_slice_shape(slices, n, self.plan.state_shapes[n], s)) for n in params)
+            sum(math.prod(_slice_shape(slices, n, self.plan.state_shapes[n], s))
+                for n in params if n in self.template(s, held[s]).used)
             for s in range(self.plan.subnets)
         ]
 
@@ -247,6 +301,10 @@ def compile(
     seed: int = 0,
     strict: bool = False,
     split_inner: bool = False,
+    blocks: str | None = None,
+    min_depth: int | None = None,
+    width: bool = True,
+    depth_scaling: str = "eval",
 ) -> ISTModel:
     """Compile `model` for Independent Subnet Training with `subnets` subnets.
 
@@ -263,6 +321,16 @@ def compile(
         strict: raise :class:`UnsupportedOpError` when an op has no axis rule,
             instead of freezing its axes and reporting it in ``plan.diagnostics``.
         split_inner: also cut minor factors of viewed axes (e.g. head_dim).
+        blocks: turn on the depth pass (ResIST): a module-name glob (``"*"``,
+            ``"layer3.*"``) selecting residual blocks with an identity skip to
+            deal out among subnets; a subnet skips the blocks it does not hold.
+        min_depth: each subnet holds at least this many blocks (blocks then
+            overlap and are averaged).
+        width: split neurons/channels/heads too (``False``: depth only).
+        depth_scaling: ``"eval"`` (ResIST: train unscaled, scale branches by p
+            for evaluation; see :meth:`ISTModel.inference_scaling` and
+            :meth:`ISTModel.finalize`) or ``"train"`` (kept branches scaled
+            by 1/p while training, so the model needs no scaling afterwards).
 
     Returns:
         An :class:`ISTModel`; ``print(ist.plan)`` shows the decomposition.
@@ -293,8 +361,11 @@ def compile(
     groups = build_groups(analysis)
     from istfx.passes import WidthPass  # passes build on the core, import late
 
-    split, skipped = WidthPass(subnets, split_inner).run(groups)
-    if not split:
+    split, skipped = WidthPass(subnets, split_inner).run(groups) if width else ([], {})
+    selected, shared_blocks, folds = _plan_depth(captured, blocks, min_depth, depth_scaling)
+    if not split and not width and not selected:
+        raise ISTError("width=False and no blocks= given: nothing would be split. Pass blocks='*' for depth.")
+    if not split and not selected:
         exact = [g for g in groups if g.status == EXACT]
         if not exact:
             reasons = sorted({r for g in groups for r in g.reasons})[:6]
@@ -312,11 +383,51 @@ def compile(
         subnets=subnets, groups=groups, split=split, policy=policy, seed=int(seed), sizes=sizes,
         state_kinds=state_kinds, state_shapes={n: t.shape for n, t in analysis.state.items()},
         diagnostics=list(analysis.diagnostics), skipped=skipped, token=uuid.uuid4().hex,
+        blocks=selected, shared_blocks=shared_blocks, min_depth=min_depth, depth_scaling=depth_scaling,
     )
     ist = ISTModel(model, plan, captured, analysis)
+    ist._fold_targets = folds
     plan.parameters_per_subnet = ist.subnet_parameter_counts()
     plan.parameters_full = sum(math.prod(s) for n, s in plan.state_shapes.items() if state_kinds[n] == "parameter")
     return ist
+
+
+def _plan_depth(captured: Captured, pattern: str | None, min_depth: int | None, scaling: str):
+    """(blocks dealt out, blocks kept in every subnet, parameters that fold the eval scaling)."""
+    if scaling not in ("eval", "train"):
+        raise ISTError(f"depth_scaling must be 'eval' or 'train', got {scaling!r}.")
+    if pattern is None:
+        if min_depth is not None:
+            raise ISTError("min_depth needs the depth pass: pass blocks='*' (or a module glob) as well.")
+        return [], [], []
+    from istfx.passes.depth import find_residual_blocks, fold_targets, select_blocks
+
+    found, shortcuts = find_residual_blocks(captured.module)
+    droppable = [b for b in found if b.droppable]
+    if not droppable:
+        raise ISTError(
+            "blocks= asks for depth, but the model has no residual block with an identity skip "
+            "(an add of a tensor and a branch computed from it). Compile without blocks= for width only."
+        )
+    selected = select_blocks(found, pattern)
+    if not selected:
+        names = ", ".join(b.module for b in droppable[:12])
+        raise ISTError(f"blocks={pattern!r} matches no droppable residual block; they are: {names}.")
+    if min_depth is not None and not 1 <= min_depth <= len(selected):
+        raise ISTError(f"min_depth={min_depth} must be between 1 and the {len(selected)} droppable blocks selected.")
+    shared = [b for b in found if b not in selected] + shortcuts
+    folds: list[str] = []
+    if scaling == "eval":
+        for block in selected:
+            for branch in block.branches:
+                targets = fold_targets(captured.module, branch)
+                if targets is None:
+                    raise ISTError(
+                        f"block {block.module}: its branch does not end in a linear op whose parameters can "
+                        "carry the evaluation scale; compile with depth_scaling='train'."
+                    )
+                folds.extend(t for t in targets if t not in folds)
+    return selected, shared, folds
 
 
 __all__ = ["compile", "ISTModel", "SubnetInfo", "ReassembleReport"]

@@ -102,6 +102,27 @@ class Plan:
     token: str = ""
     parameters_full: int = 0
     parameters_per_subnet: list[int] = field(default_factory=list)
+    blocks: list = field(default_factory=list)  # droppable residual blocks dealt out (passes.depth.Block)
+    shared_blocks: list = field(default_factory=list)  # residual blocks found but kept in every subnet
+    min_depth: int | None = None
+    depth_scaling: str = "eval"
+
+    # -- depth -----------------------------------------------------------------
+    def block_assignment(self, round: int) -> list[list[int]]:
+        """Indices into `blocks` that each subnet keeps in `round` (all others are skipped)."""
+        if not self.blocks:
+            return [[] for _ in range(self.subnets)]
+        from istfx.passes.depth import deal_blocks
+
+        rng = np.random.default_rng([self.seed, round, len(self.groups) + 1_000_003])
+        return deal_blocks(len(self.blocks), self.subnets, self.min_depth, rng)
+
+    @property
+    def keep_probability(self) -> float:
+        """p: the average fraction of subnets holding each droppable block per round."""
+        from istfx.passes.depth import keep_probability
+
+        return keep_probability(len(self.blocks), self.subnets, self.min_depth)
 
     # -- assignment ----------------------------------------------------------
     def counts(self, group: Group) -> list[int]:
@@ -147,6 +168,15 @@ class Plan:
                 }
                 for g in self.groups
             ],
+            "blocks": [
+                {"module": b.module, "parameters": b.parameters, "droppable": True} for b in self.blocks
+            ] + [
+                {"module": b.module, "parameters": b.parameters, "droppable": False, "reason": b.reason}
+                for b in self.shared_blocks
+            ],
+            "min_depth": self.min_depth,
+            "depth_scaling": self.depth_scaling if self.blocks else None,
+            "block_keep_probability": self.keep_probability if self.blocks else None,
             "diagnostics": [
                 {"op": d.op, "node": d.node, "source": d.source, "message": d.message} for d in self.diagnostics
             ],

@@ -29,6 +29,15 @@ def format_plan(plan: "Plan") -> str:
         why = g.reasons[0] if g.status != "exact" and g.reasons else plan.skipped.get(g.id)
         if why:
             lines.append(f"{'':>6}  {'':>6}  {'':<11}  why: {why}")
+    if plan.blocks or plan.shared_blocks:
+        lines.append("")
+        p = plan.keep_probability
+        lines.append(f"residual blocks: {len(plan.blocks)} dealt out (p={p:.3f}, min_depth={plan.min_depth}, "
+                     f"scaling at {plan.depth_scaling}), {len(plan.shared_blocks)} kept in every subnet")
+        for b in plan.blocks:
+            lines.append(f"  drop  {b.module or '<root>'}: {len(b.parameters)} tensors, {len(b.branches)} branch(es)")
+        for b in plan.shared_blocks:
+            lines.append(f"  keep  {b.module or '<root>'}: {b.reason or 'not selected'}")
     if plan.diagnostics:
         lines.append("")
         lines.append(f"diagnostics ({len(plan.diagnostics)} op(s) without a rule; their axes are frozen):")

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 import torch.fx as fx
@@ -24,11 +24,21 @@ from torch import nn
 
 from .analysis import AnalysisResult
 
+if TYPE_CHECKING:
+    from istfx.passes.depth import Branch
+
 
 class SubnetTemplate:
     """A copy of the unlifted graph module whose shape constants fit smaller axes."""
 
-    def __init__(self, base: fx.GraphModule, analysis: AnalysisResult, new_size: Callable[[int], int]) -> None:
+    def __init__(
+        self,
+        base: fx.GraphModule,
+        analysis: AnalysisResult,
+        new_size: Callable[[int], int],
+        drop: Sequence[Branch] = (),
+        scale: Sequence[tuple[Branch, float]] = (),
+    ) -> None:
         # Copy graph and code, not weights: state tensors become empty placeholders.
         memo = {id(t): torch.empty(0, dtype=t.dtype) for t in _state_tensors(base)}
         # Pytree specs are immutable: share them rather than copy.
@@ -43,11 +53,16 @@ class SubnetTemplate:
             for rewrite in rewriters:
                 rewrite(node, new_size)
             touched.add(id(graph_module))
+        dropped = _drop_branches(module.graph, drop)
+        _scale_branches(module.graph, scale)
+        if drop or scale:
+            touched.add(id(module))
         for sub in module.modules():
             if isinstance(sub, fx.GraphModule) and id(sub) in touched:
                 sub.recompile()
         self.module = module
-        self.used = set(analysis.state) | set(analysis.aliases)
+        self.dropped = dropped
+        self.used = (set(analysis.state) | set(analysis.aliases)) - dropped
         self.aliases = dict(analysis.aliases)
 
     def instantiate(self, tensors: dict[str, torch.Tensor], requires_grad: dict[str, bool]) -> nn.Module:
@@ -85,6 +100,34 @@ class SubnetTemplate:
             return new
 
         return clone(self.module, "")
+
+
+def _drop_branches(graph: fx.Graph, branches: Sequence[Branch]) -> set[str]:
+    """Replace each residual add by its skip input and erase the branch; returns dropped state names."""
+    by_name = {n.name: n for n in graph.nodes}
+    dropped: set[str] = set()
+    for branch in branches:
+        add, out = by_name[branch.add], by_name[branch.output]
+        skip = next(a for a in add.args[:2] if a is not out)  # current: an earlier drop may have rewired it
+        add.replace_all_uses_with(skip)
+        graph.erase_node(add)
+        for name in reversed(branch.nodes):
+            graph.erase_node(by_name[name])
+    for node in list(graph.nodes):
+        if node.op == "get_attr" and not node.users and any(node.target in b.parameters for b in branches):
+            dropped.add(node.target)
+            graph.erase_node(node)
+    return dropped
+
+
+def _scale_branches(graph: fx.Graph, scaled: Sequence[tuple[Branch, float]]) -> None:
+    """Multiply kept branch outputs by a factor (training-time depth scaling)."""
+    by_name = {n.name: n for n in graph.nodes}
+    for branch, factor in scaled:
+        add, out = by_name[branch.add], by_name[branch.output]
+        with graph.inserting_before(add):
+            mul = graph.call_function(torch.ops.aten.mul.Tensor, (out, factor))
+        add.replace_input_with(out, mul)
 
 
 def _state_tensors(module: nn.Module):

@@ -305,6 +305,7 @@ def compile(
     min_depth: int | None = None,
     width: bool = True,
     depth_scaling: str = "eval",
+    shortcut_blocks: str = "share",
 ) -> ISTModel:
     """Compile `model` for Independent Subnet Training with `subnets` subnets.
 
@@ -330,7 +331,11 @@ def compile(
         depth_scaling: ``"eval"`` (ResIST: train unscaled, scale branches by p
             for evaluation; see :meth:`ISTModel.inference_scaling` and
             :meth:`ISTModel.finalize`) or ``"train"`` (kept branches scaled
-            by 1/p while training, so the model needs no scaling afterwards).
+            by 1/p while training, so the model needs no scaling afterwards), or
+            ``"none"`` (no scaling; for ablations).
+        shortcut_blocks: ``"share"`` (default: strided/projection blocks are
+            kept in every subnet and averaged) or ``"drop"`` (dealt out like
+            the others, keeping their shortcut path; ResIST's naive variant).
 
     Returns:
         An :class:`ISTModel`; ``print(ist.plan)`` shows the decomposition.
@@ -362,7 +367,7 @@ def compile(
     from istfx.passes import WidthPass  # passes build on the core, import late
 
     split, skipped = WidthPass(subnets, split_inner).run(groups) if width else ([], {})
-    selected, shared_blocks, folds = _plan_depth(captured, blocks, min_depth, depth_scaling)
+    selected, shared_blocks, folds = _plan_depth(captured, blocks, min_depth, depth_scaling, shortcut_blocks)
     if not split and not width and not selected:
         raise ISTError("width=False and no blocks= given: nothing would be split. Pass blocks='*' for depth.")
     if not split and not selected:
@@ -392,10 +397,12 @@ def compile(
     return ist
 
 
-def _plan_depth(captured: Captured, pattern: str | None, min_depth: int | None, scaling: str):
+def _plan_depth(captured: Captured, pattern: str | None, min_depth: int | None, scaling: str, shortcut_blocks: str):
     """(blocks dealt out, blocks kept in every subnet, parameters that fold the eval scaling)."""
-    if scaling not in ("eval", "train"):
-        raise ISTError(f"depth_scaling must be 'eval' or 'train', got {scaling!r}.")
+    if scaling not in ("eval", "train", "none"):
+        raise ISTError(f"depth_scaling must be 'eval', 'train' or 'none', got {scaling!r}.")
+    if shortcut_blocks not in ("share", "drop"):
+        raise ISTError(f"shortcut_blocks must be 'share' or 'drop', got {shortcut_blocks!r}.")
     if pattern is None:
         if min_depth is not None:
             raise ISTError("min_depth needs the depth pass: pass blocks='*' (or a module glob) as well.")
@@ -409,13 +416,13 @@ def _plan_depth(captured: Captured, pattern: str | None, min_depth: int | None, 
             "blocks= asks for depth, but the model has no residual block with an identity skip "
             "(an add of a tensor and a branch computed from it). Compile without blocks= for width only."
         )
-    selected = select_blocks(found, pattern)
+    selected = select_blocks(found, pattern, shortcuts if shortcut_blocks == "drop" else [])
     if not selected:
         names = ", ".join(b.module for b in droppable[:12])
         raise ISTError(f"blocks={pattern!r} matches no droppable residual block; they are: {names}.")
     if min_depth is not None and not 1 <= min_depth <= len(selected):
         raise ISTError(f"min_depth={min_depth} must be between 1 and the {len(selected)} droppable blocks selected.")
-    shared = [b for b in found if b not in selected] + shortcuts
+    shared = [b for b in found + shortcuts if b not in selected]
     folds: list[str] = []
     if scaling == "eval":
         for block in selected:

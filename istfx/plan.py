@@ -171,7 +171,8 @@ class Plan:
             "blocks": [
                 {"module": b.module, "parameters": b.parameters, "droppable": True} for b in self.blocks
             ] + [
-                {"module": b.module, "parameters": b.parameters, "droppable": False, "reason": b.reason}
+                {"module": b.module, "parameters": b.parameters, "droppable": False,
+                 "reason": b.reason or "not selected by blocks="}
                 for b in self.shared_blocks
             ],
             "min_depth": self.min_depth,

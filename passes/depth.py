@@ -55,6 +55,7 @@ class Block:
     branches: list[Branch] = field(default_factory=list)
     droppable: bool = True
     reason: str = ""
+    shortcut: bool = False  # a strided/projection block: dropping it keeps only its shortcut path
 
     @property
     def parameters(self) -> list[str]:
@@ -72,6 +73,7 @@ def find_residual_blocks(gm: fx.GraphModule) -> tuple[list[Block], list[Block]]:
             bits |= ancestors[inp]
         ancestors[n] = bits
     users_of: dict[fx.Node, set[fx.Node]] = {n: set(n.users) for n in nodes}
+    by_name = {n.name: n for n in nodes}
     identity: dict[str, Block] = {}
     shortcut: dict[str, Block] = {}
     for n in nodes:
@@ -89,9 +91,16 @@ def find_residual_blocks(gm: fx.GraphModule) -> tuple[list[Block], list[Block]]:
         else:
             common = ancestors[a] & ancestors[b]
             if common and _has_params(a, ancestors, nodes) and _has_params(b, ancestors, nodes):
-                module = _module_path([n])
-                shortcut.setdefault(module, Block(module, droppable=False,
-                                                  reason="shortcut is not the identity (stride or projection)"))
+                fork = nodes[common.bit_length() - 1]  # the latest node both operands are computed from
+                side = [_branch(nodes, order, ancestors, users_of, fork, out, n) for out in (a, b)]
+                shorter, longer = sorted(side, key=lambda br: len(br.nodes))
+                branch = longer
+                branch.skip = shorter.output  # dropping keeps the shortcut path
+                branch.nodes = [m for m in branch.nodes if m not in set(shorter.nodes)]
+                module = _module_path([by_name[m] for m in branch.nodes]) or _module_path([n])
+                block = shortcut.setdefault(module, Block(module, droppable=False, shortcut=True,
+                                                          reason="shortcut is not the identity (stride or projection)"))
+                block.branches.append(branch)
     blocks = list(identity.values())
     for block in blocks:
         if not all(b.self_contained for b in block.branches):
@@ -99,9 +108,15 @@ def find_residual_blocks(gm: fx.GraphModule) -> tuple[list[Block], list[Block]]:
     return blocks, list(shortcut.values())
 
 
-def select_blocks(blocks: list[Block], pattern: str) -> list[Block]:
-    """Droppable blocks whose module path matches a glob (``"*"``, ``"layer3.*"``)."""
-    return [b for b in blocks if b.droppable and fnmatch.fnmatchcase(b.module, pattern)]
+def select_blocks(blocks: list[Block], pattern: str, shortcuts: list[Block] = ()) -> list[Block]:
+    """Droppable blocks whose module path matches a glob (``"*"``, ``"layer3.*"``).
+
+    Blocks in `shortcuts` (strided/projection blocks) are selected too: the
+    naive ResIST decomposition deals them out, keeping their shortcut path.
+    """
+    pool = [b for b in blocks if b.droppable] + [b for b in shortcuts if b.branches]
+    order = {id(b): i for i, b in enumerate(blocks + list(shortcuts))}
+    return sorted((b for b in pool if fnmatch.fnmatchcase(b.module, pattern)), key=lambda b: order[id(b)])
 
 
 def _branch(nodes, order, ancestors, users_of, skip: fx.Node, out: fx.Node, add: fx.Node) -> Branch:

@@ -27,8 +27,9 @@ brings it back to the model's device before reassembly.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -139,7 +140,7 @@ def model_device(module: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-from .local import LocalBackend  # noqa: E402  (needs the types above)
+from .local import LocalBackend
 
 BACKENDS: dict[str, Callable[[], Backend]] = {"local": LocalBackend}
 """Backends known by name."""
@@ -164,6 +165,14 @@ def get_backend(backend: str | Backend) -> Backend:
 
 
 __all__ = [
-    "Backend", "BACKENDS", "LocalBackend", "RoundResult", "SubnetResult", "TrainSubnet",
-    "get_backend", "model_device", "subnet_bytes", "subnet_parameters",
+    "BACKENDS",
+    "Backend",
+    "LocalBackend",
+    "RoundResult",
+    "SubnetResult",
+    "TrainSubnet",
+    "get_backend",
+    "model_device",
+    "subnet_bytes",
+    "subnet_parameters",
 ]

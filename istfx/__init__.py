@@ -10,10 +10,11 @@ from .compiler import ISTModel, ReassembleReport, SubnetInfo, compile
 from .errors import CaptureError, ISTError, NonFiniteUpdateError, UnsupportedOpError
 from .plan import Disjoint, Overlap, Plan, Rolling
 from .rules import OpContext, register_rule
+from .training import History, evaluate, fit
 
 __version__ = "0.1.0"
 
 __all__ = [
     "compile", "ISTModel", "ReassembleReport", "SubnetInfo", "Plan", "Disjoint", "Overlap", "Rolling",
-    "register_rule", "OpContext", "ISTError", "CaptureError", "UnsupportedOpError", "NonFiniteUpdateError",
+    "register_rule", "OpContext", "fit", "evaluate", "History", "ISTError", "CaptureError", "UnsupportedOpError", "NonFiniteUpdateError",
 ]

@@ -113,23 +113,36 @@ def dynamic_dims(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, di
 
     Each dim is probed by growing it by one and by doubling it (repeating its
     last slice, so ids and indices stay valid) and running the model in eval
-    mode. A dim
-    the model rejects (features feeding a Linear, image sides feeding a
-    flatten) is static; export would otherwise carry it as a symbol whose
-    relations it cannot solve.
+    mode: alone, then together with the same dim of the other inputs of equal
+    size (a batch or sequence shared by ``input_ids`` and ``attention_mask``),
+    then with every dim of equal size. A dim the model rejects (features
+    feeding a Linear, image sides feeding a flatten) is static; export would
+    otherwise carry it as a symbol whose relations it cannot solve.
     """
-    flat_args = [(("a", i), v) for i, v in enumerate(args)] + [(("k", k), v) for k, v in kwargs.items()]
-    result: dict = {}
-    for key, value in flat_args:
-        if not isinstance(value, torch.Tensor) or value.dim() == 0:
-            result[key] = None
-            continue
-        free = [d for d in range(value.dim())
-                if all(_accepts(model, args, kwargs, key, _grown(value, d, extra))
-                       for extra in (1, value.shape[d]))]
-        result[key] = {d: Dim.AUTO for d in free} or None
-    return (tuple(result[("a", i)] for i in range(len(args))),
-            {k: result[("k", k)] for k in kwargs})
+    inputs = {("a", i): v for i, v in enumerate(args)} | {("k", k): v for k, v in kwargs.items()}
+    tensors = {key: v for key, v in inputs.items() if isinstance(v, torch.Tensor) and v.dim() > 0}
+    free: dict[tuple, list[int]] = {key: [] for key in tensors}
+    for key, value in tensors.items():
+        for d in range(value.dim()):
+            size = value.shape[d]
+            candidates = [
+                [(key, d)],
+                [(k, d) for k, v in tensors.items() if v.dim() > d and v.shape[d] == size],
+                [(k, e) for k, v in tensors.items() for e in range(v.dim()) if v.shape[e] == size],
+            ]
+            for dims_ in candidates:
+                if all(_accepts(model, args, kwargs, _grow(tensors, dims_, extra)) for extra in (1, size)):
+                    free[key].append(d)
+                    break
+    result = {key: ({d: Dim.AUTO for d in free[key]} or None) if key in tensors else None for key in inputs}
+    return (tuple(result[("a", i)] for i in range(len(args))), {k: result[("k", k)] for k in kwargs})
+
+
+def _grow(tensors: dict, dims_: list[tuple], extra: int) -> dict:
+    grown = dict(tensors)
+    for key, d in dims_:
+        grown[key] = _grown(grown[key], d, extra)
+    return grown
 
 
 def _export(model: nn.Module, args: tuple, kwargs: dict, shapes: dict) -> torch.export.ExportedProgram:
@@ -151,9 +164,9 @@ def _grown(value: torch.Tensor, dim: int, extra: int) -> torch.Tensor:
     return torch.cat([value, last.expand(*[extra if i == dim else -1 for i in range(value.dim())])], dim=dim)
 
 
-def _accepts(model: nn.Module, args: tuple, kwargs: dict, key: tuple, grown: torch.Tensor) -> bool:
-    probe_args = tuple(grown if ("a", i) == key else v for i, v in enumerate(args))
-    probe_kwargs = {k: grown if ("k", k) == key else v for k, v in kwargs.items()}
+def _accepts(model: nn.Module, args: tuple, kwargs: dict, grown: dict) -> bool:
+    probe_args = tuple(grown.get(("a", i), v) for i, v in enumerate(args))
+    probe_kwargs = {k: grown.get(("k", k), v) for k, v in kwargs.items()}
     try:
         with torch.no_grad():
             _run_in_eval(model, probe_args, probe_kwargs)

@@ -40,13 +40,21 @@ def rule_index(ctx: OpContext) -> None:
     ctx.output(out)
 
 
+def _pair_except(ctx: OpContext, x: list[int], other: list[int], dim: int, partial: str) -> None:
+    """Axes other than `dim` are one axis where sizes agree; a partial overlap freezes."""
+    for i, (a, b) in enumerate(zip(x, other)):
+        if i != dim:
+            if ctx.dim(a) == ctx.dim(b):
+                ctx.same(a, b)
+            else:
+                ctx.freeze(a, partial)
+
+
 def rule_gather(ctx: OpContext) -> None:
     x, idx = ctx.axes("self"), ctx.axes("index")
     d = _norm_dim(ctx.arg("dim"), len(x))
     ctx.freeze(x[d], "indexed by data")
-    for i, (a, b) in enumerate(zip(x, idx)):
-        if i != d:
-            ctx.same(a, b) if ctx.dim(a) == ctx.dim(b) else ctx.freeze(a, "partly gathered")
+    _pair_except(ctx, x, idx, d, "partly gathered")
     ctx.output(list(idx))
 
 
@@ -61,9 +69,7 @@ def rule_scatter(ctx: OpContext) -> None:
         s = ctx.axes(src)
         for a, b in zip(idx, s):
             ctx.same(a, b)
-        for i, (a, b) in enumerate(zip(x, s)):
-            if i != d:
-                ctx.same(a, b) if ctx.dim(a) == ctx.dim(b) else ctx.freeze(a, "partly scattered")
+        _pair_except(ctx, x, s, d, "partly scattered")
     ctx.output(list(x))
 
 

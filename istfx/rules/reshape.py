@@ -57,24 +57,25 @@ def _equal_size(a: Any, b: Any) -> bool:
     return a == b if isinstance(a, Sym) else False
 
 
+def _freeze_chunk(alg, chunk_in: list, chunk_out: list, out: list, reason: str) -> None:
+    """Inputs and fresh outputs of a chunk the algebra cannot follow are all frozen."""
+    for a, _ in chunk_in:
+        alg.freeze(a, reason)
+    for pos, d in chunk_out:
+        out[pos] = new_atom(alg, d)
+        alg.freeze(out[pos], reason)
+
+
 def _reshape_chunk(ctx: OpContext, chunk_in: list, chunk_out: list, out: list) -> None:
     alg = ctx.alg
     if not _equal_size(size_product([d for _, d in chunk_in]), size_product([d for _, d in chunk_out])):
-        for a, _ in chunk_in:
-            alg.freeze(a, "reshape sizes could not be matched")
-        for pos, d in chunk_out:
-            out[pos] = new_atom(alg, d)
-            alg.freeze(out[pos], "reshape sizes could not be matched")
+        _freeze_chunk(alg, chunk_in, chunk_out, out, "reshape sizes could not be matched")
         return
     if len(chunk_in) == 1 and len(chunk_out) == 1:
         out[chunk_out[0][0]] = chunk_in[0][0]
         return
     if any(isinstance(d, Sym) for _, d in chunk_in + chunk_out):
-        for a, _ in chunk_in:
-            alg.freeze(a, "reshaped together with a dynamic dimension")
-        for pos, d in chunk_out:
-            out[pos] = new_atom(alg, d)
-            alg.freeze(out[pos], "reshaped together with a dynamic dimension")
+        _freeze_chunk(alg, chunk_in, chunk_out, out, "reshaped together with a dynamic dimension")
         return
     in_atoms = [a for a, _ in chunk_in]
     if len(in_atoms) == 1:

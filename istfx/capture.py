@@ -145,18 +145,64 @@ def _grow(tensors: dict, dims_: list[tuple], extra: int) -> dict:
     return grown
 
 
-def _export(model: nn.Module, args: tuple, kwargs: dict, shapes: dict) -> torch.export.ExportedProgram:
-    """Export so that dynamic dims also admit size 1 (a batch of one), else as export prefers.
+def _export(model: nn.Module, args: tuple, kwargs: dict, shapes: dict, dynamic: tuple[tuple, dict]
+            ) -> torch.export.ExportedProgram:
+    """Export so that dynamic dims admit size 1 (a batch of one, one token) where possible.
 
-    Size-oblivious export keeps a dynamic dim from being assumed >= 2; a model
-    that branches on a size being 1 cannot be exported that way, and is
-    exported with the default assumptions instead.
+    Default export assumes dynamic dims are >= 2. Size-oblivious export drops
+    that assumption, but some models (Hugging Face's mask code) then pick up
+    guards such as ``size != 1`` instead. Both are tried when needed, and the
+    one whose guards admit more size-1 dims wins.
     """
+    def plain():
+        return torch.export.export(model, args, kwargs=kwargs, dynamic_shapes=shapes, strict=False)
+
     try:
         with fx_config.patch(backed_size_oblivious=True):
-            return torch.export.export(model, args, kwargs=kwargs, dynamic_shapes=shapes, strict=False)
+            oblivious = torch.export.export(model, args, kwargs=kwargs, dynamic_shapes=shapes, strict=False)
     except Exception:
-        return torch.export.export(model, args, kwargs=kwargs, dynamic_shapes=shapes, strict=False)
+        return plain()
+    probes = _size_one_probes(args, kwargs, *dynamic)
+    refused = _refused(oblivious, probes)
+    if not refused:
+        return oblivious
+    default = plain()
+    return default if len(_refused(default, probes)) < len(refused) else oblivious
+
+
+def _size_one_probes(args: tuple, kwargs: dict, dyn_args: tuple, dyn_kwargs: dict) -> list[tuple[tuple, dict]]:
+    """Inputs with one dynamic dim position shrunk to 1 (in every input where it is dynamic)."""
+    positions = sorted({d for spec in [*dyn_args, *dyn_kwargs.values()] if spec for d in spec})
+
+    def shrink(value: Any, spec: dict | None, d: int) -> Any:
+        return value.narrow(d, 0, 1) if isinstance(value, torch.Tensor) and spec and d in spec else value
+
+    return [
+        (tuple(shrink(v, dyn, d) for v, dyn in zip(args, dyn_args)),
+         {k: shrink(v, dyn_kwargs.get(k), d) for k, v in kwargs.items()})
+        for d in positions
+    ]
+
+
+def _refused(program: torch.export.ExportedProgram, probes: list[tuple[tuple, dict]]) -> list[int]:
+    """Indices of probes that the exported module's input guards reject."""
+    module = program.module()
+    buffers = dict(module.named_buffers())  # the user's buffers: a training-mode probe must not move them
+    saved = {name: b.detach().clone() for name, b in buffers.items()}
+    refused = []
+    try:
+        for i, (probe_args, probe_kwargs) in enumerate(probes):
+            try:
+                with torch.no_grad():
+                    module(*probe_args, **probe_kwargs)
+            except Exception as exc:  # guards fail first; anything later is the model's own business
+                if "Guard failed" in str(exc) or "guard" in type(exc).__name__.lower():
+                    refused.append(i)
+    finally:
+        with torch.no_grad():
+            for name, value in saved.items():
+                buffers[name].copy_(value)
+    return refused
 
 
 def _grown(value: torch.Tensor, dim: int, extra: int) -> torch.Tensor:
@@ -196,7 +242,7 @@ def capture(model: nn.Module, args: tuple, kwargs: dict) -> Captured:
     was_training = model.training
     model.train()
     try:
-        program = _export(model, tuple(args), dict(kwargs), shapes)
+        program = _export(model, tuple(args), dict(kwargs), shapes, (dyn_args, dyn_kwargs))
     except Exception as exc:
         raise CaptureError(
             f"torch.export could not capture {type(model).__name__}: {type(exc).__name__}: "

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from .analysis import Diagnostic
+from .errors import ISTError
 from .groups import APPROXIMATE, EXACT, FROZEN, Group  # noqa: F401  (re-exported)
 
 
@@ -50,7 +51,7 @@ class Overlap:
 
     def __post_init__(self) -> None:
         if not 0 < self.keep <= 1:
-            raise ValueError(f"overlap keep must be in (0, 1], got {self.keep}")
+            raise ISTError(f"overlap keep must be in (0, 1], got {self.keep}")
 
     def deal(self, units: int, counts: list[int], rng: np.random.Generator, round: int) -> list[np.ndarray]:
         return [np.sort(rng.permutation(units)[:c]) for c in counts]
@@ -81,8 +82,11 @@ def parse_policy(policy: str | Policy) -> Policy:
         return Rolling()
     if text.startswith("overlap"):
         inner = text[len("overlap"):].strip("()").replace("keep=", "")
-        return Overlap(float(inner)) if inner else Overlap()
-    raise ValueError(f"unknown policy {policy!r}: use 'disjoint', 'overlap(keep)' or 'rolling'")
+        try:
+            return Overlap(float(inner)) if inner else Overlap()
+        except ValueError as exc:
+            raise ISTError(f"overlap policy {policy!r}: {exc}") from exc
+    raise ISTError(f"unknown policy {policy!r}: use 'disjoint', 'overlap(keep)' or 'rolling'")
 
 
 @dataclass
@@ -193,22 +197,32 @@ class Plan:
 
 
 def unit_counts(units: int, subnets: int, sizes: Sequence[float] | None, policy: Policy) -> list[int]:
-    """How many units each subnet holds: near-equal shares, or `sizes` fractions."""
+    """How many units each subnet holds: near-equal shares, or `sizes` fractions.
+
+    Every subnet holds at least one unit. Disjoint policies never hand out
+    more than `units` in all; fractions are apportioned by largest remainder,
+    so each count is within one unit of its share and a larger fraction
+    never gets fewer units.
+    """
     if sizes is None:
         if isinstance(policy, Overlap):
             return [max(1, round(policy.keep * units))] * subnets
         base, extra = divmod(units, subnets)
         return [base + (1 if s < extra else 0) for s in range(subnets)]
-    raw = [f * units for f in sizes]
-    counts = [max(1, int(r)) for r in raw]
-    if policy.disjoint:
-        budget = min(units, round(sum(raw)))
-        order = sorted(range(subnets), key=lambda s: raw[s] - int(raw[s]), reverse=True)
-        k = 0
-        while sum(counts) < budget:
-            counts[order[k % subnets]] += 1
-            k += 1
-    return [min(c, units) for c in counts]
+    if not policy.disjoint:
+        return [min(units, max(1, round(f * units))) for f in sizes]
+    shares = [f * units for f in sizes]
+    total = max(subnets, min(units, round(sum(shares))))
+    counts = [min(int(x), units) for x in shares]
+    by_remainder = sorted(range(subnets), key=lambda s: (shares[s] - counts[s], sizes[s], -s), reverse=True)
+    for k in range(max(0, total - sum(counts))):
+        counts[by_remainder[k % subnets]] += 1
+    for s in range(subnets):  # every subnet holds a unit: take it from the largest holder
+        if counts[s] == 0:
+            donor = max(range(subnets), key=lambda t: (counts[t], -sizes[t]))
+            counts[donor] -= 1
+            counts[s] = 1
+    return counts
 
 
 __all__ = ["Plan", "Disjoint", "Overlap", "Rolling", "parse_policy", "unit_counts",

@@ -54,6 +54,7 @@ class StateTensor:
 
 @dataclass
 class AnalysisResult:
+    """What the analysis found: the algebra, state tensors, shape-constant rewriters, diagnostics."""
     alg: AxisAlgebra
     state: dict[str, StateTensor]
     rewriters: dict[tuple[str, str], list[Rewriter]]
@@ -81,6 +82,7 @@ class AxisAnalysis:
         self.aliases: dict[str, str] = {}
 
     def run(self) -> AnalysisResult:
+        """Analyse the whole graph once and return the result."""
         self._run_graph(self.gm, "", inputs=None)
         self.alg.propagate_flags()
         return AnalysisResult(self.alg, self.state, self.rewriters, self.diagnostics, self.node_axes,

@@ -38,16 +38,19 @@ CONCAT = "concat"
 
 @dataclass
 class Refinement:
+    """How an atom is cut into children: a PRODUCT (mixed radix) or a CONCAT (segments)."""
     kind: str  # PRODUCT or CONCAT
     children: list[int]
 
 
 @dataclass
 class Flags:
+    """Why an atom may not be cut (frozen) or cuts only approximately."""
     frozen: list[str] = field(default_factory=list)
     approximate: list[str] = field(default_factory=list)
 
     def merge(self, other: "Flags") -> None:
+        """Add the other atom's reasons to these (on unification)."""
         for reason in other.frozen:
             if reason not in self.frozen:
                 self.frozen.append(reason)
@@ -68,6 +71,7 @@ class AxisAlgebra:
 
     # -- atoms -------------------------------------------------------------
     def new(self, size: int, frozen: str | None = None, symbolic: object = None) -> int:
+        """A fresh atom of `size` (frozen with `frozen` as reason when given)."""
         atom = len(self._parent)
         self._parent.append(atom)
         self._size.append(int(size))
@@ -83,6 +87,7 @@ class AxisAlgebra:
         return self._symbolic.get(self.find(atom))
 
     def find(self, atom: int) -> int:
+        """The representative atom of `atom`'s class."""
         root = atom
         while self._parent[root] != root:
             root = self._parent[root]
@@ -91,9 +96,11 @@ class AxisAlgebra:
         return root
 
     def size(self, atom: int) -> int:
+        """Number of elements along the atom."""
         return self._size[self.find(atom)]
 
     def refinement(self, atom: int) -> Refinement | None:
+        """The class's refinement into children, or None for a leaf."""
         ref = self._refinement.get(self.find(atom))
         if ref is None:
             return None
@@ -101,14 +108,17 @@ class AxisAlgebra:
         return ref
 
     def flags(self, atom: int) -> Flags:
+        """The class's frozen/approximate reasons."""
         return self._flags[self.find(atom)]
 
     def freeze(self, atom: int, reason: str) -> None:
+        """Mark the class as not cuttable, with a reason."""
         flags = self.flags(atom)
         if reason not in flags.frozen:
             flags.frozen.append(reason)
 
     def mark_approximate(self, atom: int, reason: str) -> None:
+        """Mark the class as cuttable only approximately, with a reason."""
         flags = self.flags(atom)
         if reason not in flags.approximate:
             flags.approximate.append(reason)
@@ -291,6 +301,7 @@ class AxisAlgebra:
         return index
 
     def roots(self) -> Iterable[int]:
+        """Every class representative."""
         return (a for a in range(len(self._parent)) if self._parent[a] == a)
 
 

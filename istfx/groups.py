@@ -54,9 +54,11 @@ class Group:
 
     @property
     def tensors(self) -> list[str]:
+        """Names of the tensors the group lives on."""
         return sorted({m.tensor for m in self.members})
 
     def describe(self) -> str:
+        """One line: id, status, units and the first members."""
         shown = ", ".join(str(m) for m in self.members[:4])
         more = f", +{len(self.members) - 4} more" if len(self.members) > 4 else ""
         return f"g{self.id} [{self.status}] {self.units} units: {shown}{more}"

@@ -37,6 +37,7 @@ class Disjoint:
     disjoint = True
 
     def deal(self, units: int, counts: list[int], rng: np.random.Generator, round: int) -> list[np.ndarray]:
+        """Sorted unit indices per subnet: a random partition."""
         perm = rng.permutation(units)
         bounds = np.cumsum([0, *counts])
         return [np.sort(perm[a:b]) for a, b in zip(bounds, bounds[1:])]
@@ -54,6 +55,7 @@ class Overlap:
             raise ISTError(f"overlap keep must be in (0, 1], got {self.keep}")
 
     def deal(self, units: int, counts: list[int], rng: np.random.Generator, round: int) -> list[np.ndarray]:
+        """Sorted unit indices per subnet: independent random subsets."""
         return [np.sort(rng.permutation(units)[:c]) for c in counts]
 
 
@@ -64,6 +66,7 @@ class Rolling:
     disjoint = True
 
     def deal(self, units: int, counts: list[int], rng: np.random.Generator, round: int) -> list[np.ndarray]:
+        """Sorted unit indices per subnet: contiguous windows shifted by `round`."""
         starts = np.cumsum([0, *counts[:-1]]) + round
         return [np.sort((s + np.arange(c)) % units) for s, c in zip(starts, counts)]
 
@@ -145,9 +148,11 @@ class Plan:
 
     # -- reporting -------------------------------------------------------------
     def group(self, gid: int) -> Group:
+        """The group with id `gid`."""
         return self.groups[gid]
 
     def to_dict(self) -> dict:
+        """The plan as plain data (what `istfx inspect --json` prints)."""
         return {
             "subnets": self.subnets,
             "policy": type(self.policy).__name__.lower()
@@ -188,6 +193,7 @@ class Plan:
         }
 
     def to_json(self) -> str:
+        """The plan as indented JSON."""
         return json.dumps(self.to_dict(), indent=2)
 
     def __str__(self) -> str:

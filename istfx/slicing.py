@@ -33,6 +33,7 @@ class RoundSlices:
 
     @classmethod
     def build(cls, plan: Plan, analysis: AnalysisResult, assignment: dict[int, list[torch.Tensor]]) -> "RoundSlices":
+        """Indices of every state tensor for every subnet under `assignment`."""
         alg = analysis.alg
         groups_by_leaf = leaf_to_group(plan, analysis)
         per_subnet = []
@@ -48,6 +49,7 @@ class RoundSlices:
         return cls(per_subnet, plan.policy.disjoint)
 
     def is_cut(self, name: str) -> bool:
+        """True when some dimension of tensor `name` is cut."""
         return any(i is not None for i in self.indices[0][name])
 
     def take(self, name: str, full: torch.Tensor, subnet: int) -> torch.Tensor:

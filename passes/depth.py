@@ -59,6 +59,7 @@ class Block:
 
     @property
     def parameters(self) -> list[str]:
+        """Parameters and buffers only this block's branches read."""
         return sorted({p for b in self.branches for p in b.parameters})
 
 

@@ -73,6 +73,7 @@ def _key(op: Any) -> str:
 
 
 def lookup(node: fx.Node) -> Callable[[OpContext], None] | None:
+    """The rule for a node's op: exact overload, then op name, then the pointwise tag."""
     target = node.target
     if isinstance(target, torch._ops.OpOverload):
         full = f"{target.namespace}.{target._opname}.{target._overloadname}"

@@ -26,9 +26,11 @@ class OpContext:
 
     # -- reading ---------------------------------------------------------------
     def arg(self, name: str, default: Any = None) -> Any:
+        """A bound argument by schema name."""
         return self.bound.get(name, default)
 
     def axes(self, name_or_value: Any) -> list[int]:
+        """Atoms of a tensor argument (by schema name or value)."""
         value = self.bound[name_or_value] if isinstance(name_or_value, str) else name_or_value
         axes = self.axes_of(value)
         if axes is None or (axes and isinstance(axes[0], list)):
@@ -36,13 +38,16 @@ class OpContext:
         return axes
 
     def is_tensor(self, value: Any) -> bool:
+        """True when `value` is a tensor the analysis has axes for."""
         axes = self.axes_of(value)
         return axes is not None and not (axes and isinstance(axes[0], list))
 
     def dims_of(self, value: Any) -> list[Any]:
+        """Sizes of a tensor argument."""
         return [self.dim(a) for a in self.axes(value)]
 
     def out_dims(self, index: int | None = None) -> list[Any]:
+        """Sizes of the output (or of output `index` of a tuple)."""
         val = self.node.meta.get("val")
         if index is not None:
             val = val[index]
@@ -55,12 +60,15 @@ class OpContext:
 
     # -- writing ---------------------------------------------------------------
     def fresh(self, dims_: Sequence[Any]) -> list[int]:
+        """New atoms for sizes that no input determines."""
         return [new_atom(self.alg, d) for d in dims_]
 
     def output(self, axes: Any) -> None:
+        """Declare the output atoms (a list, or a list of lists for tuples)."""
         self.outputs = axes
 
     def same(self, a: int, b: int) -> None:
+        """Declare two axes one axis (frozen if their sizes disagree)."""
         da, db = self.dim(a), self.dim(b)
         if da == db:
             self.alg.unify(a, b)
@@ -70,12 +78,15 @@ class OpContext:
             self.alg.freeze(b, reason)
 
     def freeze(self, atom: int, why: str) -> None:
+        """This axis must not be cut."""
         self.alg.freeze(atom, f"{why} ({op_name(self.node)})")
 
     def approximate(self, atom: int, why: str) -> None:
+        """Cutting this axis gives a valid but not mask-equivalent model."""
         self.alg.mark_approximate(atom, f"{why} ({op_name(self.node)})")
 
     def rewrite(self, fn: Rewriter) -> None:
+        """Register how this node's shape arguments follow shrunken axes."""
         self.rewriters.append(fn)
 
     def broadcast(self, out: Sequence[int], inputs: Sequence[Sequence[int]]) -> None:
@@ -128,16 +139,19 @@ def size_product(sizes: Sequence[Any]) -> Any:
 
 
 def hint(d: Any) -> int:
+    """The example input's value of a size."""
     return d.hint if isinstance(d, Sym) else int(d)
 
 
 def new_atom(alg: AxisAlgebra, d: Any) -> int:
+    """An atom for a size; dynamic sizes are frozen."""
     if isinstance(d, Sym):
         return alg.new(d.hint, frozen="dynamic dimension (batch, sequence or nodes)", symbolic=d)
     return alg.new(d)
 
 
 def op_name(node: fx.Node) -> str:
+    """"namespace.name" of a node's op, for tables and messages."""
     target = node.target
     if isinstance(target, torch._ops.OpOverload):
         return f"{target.namespace}.{target._opname}"

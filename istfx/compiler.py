@@ -301,6 +301,7 @@ def compile(
     seed: int = 0,
     strict: bool = False,
     split_inner: bool = False,
+    split_approximate: bool = False,
     blocks: str | None = None,
     min_depth: int | None = None,
     width: bool = True,
@@ -322,6 +323,8 @@ def compile(
         strict: raise :class:`UnsupportedOpError` when an op has no axis rule,
             instead of freezing its axes and reporting it in ``plan.diagnostics``.
         split_inner: also cut minor factors of viewed axes (e.g. head_dim).
+        split_approximate: also cut *approximate* groups (e.g. d_model, normalised
+            by LayerNorm/RMSNorm): valid narrower subnets, not mask-equivalent.
         blocks: turn on the depth pass (ResIST): a module-name glob (``"*"``,
             ``"layer3.*"``) selecting residual blocks with an identity skip to
             deal out among subnets; a subnet skips the blocks it does not hold.
@@ -366,7 +369,7 @@ def compile(
     groups = build_groups(analysis)
     from istfx.passes import WidthPass  # passes build on the core, import late
 
-    split, skipped = WidthPass(subnets, split_inner).run(groups) if width else ([], {})
+    split, skipped = WidthPass(subnets, split_inner, split_approximate).run(groups) if width else ([], {})
     selected, shared_blocks, folds = _plan_depth(captured, blocks, min_depth, depth_scaling, shortcut_blocks)
     if not split and not width and not selected:
         raise ISTError("width=False and no blocks= given: nothing would be split. Pass blocks='*' for depth.")

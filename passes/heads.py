@@ -1,0 +1,162 @@
+"""The heads pass: what each coupled-axis group is, read off the axis algebra.
+
+No config attribute or module name is consulted. A projection whose output
+axis is viewed as ``units x inner`` gives groups whose members hold a *unit*
+of several contiguous elements (a head of ``head_dim`` rows) and an inner
+factor; that is all this pass looks at:
+
+``heads``
+    not a minor factor, and at least two tensors hold it with unit > 1 (the
+    q/k/v projections and the output projection's columns): whole attention
+    heads. When a ``heads_in_group`` factor sits inside it (the queries of
+    grouped-query attention), its units are whole KV groups.
+``heads_in_group``
+    a minor factor with unit > 1: the query heads inside one KV group.
+``head_dim``
+    a minor factor with unit 1 (with rotary embeddings, the two halves of
+    head_dim are one axis of half the size).
+``d_model``
+    normalised or reduced over (LayerNorm/RMSNorm) and held by several
+    tensors: the residual stream.
+``ffn`` / ``neurons`` / ``channels``
+    unit-1 hidden axes produced by one parameter and read by another: FFN
+    units in a model with heads, conv channels when a member is a conv
+    kernel, hidden neurons otherwise.
+``embedding_rows``, ``io``, ``other``
+    rows looked up by index; axes fixed by a model input or output; the rest.
+
+Usage::
+
+    from istfx.passes import roles, role_summary
+    ist = istfx.compile(model, subnets=4)
+    roles(ist)              # {group id: "heads" | "head_dim" | "ffn" | "d_model" | ...}
+    role_summary(ist)       # per role: groups, split, units, why kept whole
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from istfx.groups import EXACT, FROZEN, Group
+
+HEADS, HEADS_IN_GROUP, HEAD_DIM = "heads", "heads_in_group", "head_dim"
+D_MODEL, FFN, NEURONS, CHANNELS = "d_model", "ffn", "neurons", "channels"
+EMBEDDING_ROWS, IO, OTHER = "embedding_rows", "io", "other"
+
+
+@dataclass(frozen=True)
+class Role:
+    """A group's role and a one-line account of it (``"4 heads"``, ``"2 KV groups of 2 query heads"``)."""
+
+    name: str
+    detail: str = ""
+
+
+@dataclass
+class HeadsPass:
+    """Label groups by role. ``flags(group) -> (frozen reasons, approximate reasons)`` sees
+    both kinds of reason even for frozen groups (a frozen d_model is still normalised over)."""
+
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    kinds: dict[str, str] = field(default_factory=dict)  # tensor -> "parameter" | "buffer" | "constant"
+    flags: Any = None
+
+    def run(self, groups: list[Group]) -> dict[int, Role]:
+        roles = {g.id: self._role(g) for g in groups}
+        has_heads = any(r.name == HEADS for r in roles.values())
+        for g in groups:
+            role = roles[g.id]
+            if role.name == NEURONS and has_heads:  # hidden unit-1 axes are FFN units in a model with heads
+                roles[g.id] = Role(FFN, role.detail)
+            elif role.name == HEADS:  # query heads inside each unit: the units are KV groups
+                tensors = {m.tensor for m in g.members}
+                inside = [o for o in groups if roles[o.id].name == HEADS_IN_GROUP
+                          and tensors & {m.tensor for m in o.members}]
+                if inside:
+                    per = max(inside, key=lambda o: len({m.tensor for m in o.members})).units
+                    roles[g.id] = Role(HEADS, f"{g.units} KV groups of {per} query heads")
+        return roles
+
+    def _reasons(self, g: Group) -> tuple[list[str], list[str]]:
+        if self.flags is not None:
+            return self.flags(g)
+        return (g.reasons if g.status == FROZEN else []), (g.reasons if g.status != FROZEN else [])
+
+    def _role(self, g: Group) -> Role:
+        frozen, approximate = self._reasons(g)
+        multi = [m for m in g.members if m.unit > 1]
+        tensors = {m.tensor for m in g.members}
+        if g.inner:
+            if multi:
+                return Role(HEADS_IN_GROUP, f"{g.units} query heads per KV group")
+            return Role(HEAD_DIM, f"{g.units} units inside each head (or each half of it)")
+        if len({m.tensor for m in multi}) >= 2:
+            return Role(HEADS, f"{g.units} heads")
+        if any(r.startswith(("normalised over", "reduced over")) for r in approximate) and len(tensors) >= 2:
+            return Role(D_MODEL, f"{g.units} features, normalised")
+        if any("looked up" in r for r in frozen):
+            return Role(EMBEDDING_ROWS, f"{g.units} rows")
+        if self.flags is None and any(r in ("model input", "model output") for r in frozen):
+            # Without the algebra's flags a frozen group hides whether it is also normalised over.
+            return Role(IO, f"{g.units} (fixed by a model input or output)")
+        matrices = {m.tensor for m in g.members if len(self.shapes.get(m.tensor, ())) >= 2
+                    and self.kinds.get(m.tensor, "parameter") == "parameter"}
+        if not multi and len(matrices) >= 2 and g.units > 1:
+            if any(len(self.shapes.get(t, ())) >= 3 for t in matrices):
+                return Role(CHANNELS, f"{g.units} channels")
+            return Role(NEURONS, f"{g.units} hidden units")
+        if any(r in ("model input", "model output") for r in frozen):
+            return Role(IO, f"{g.units} (fixed by a model input or output)")
+        return Role(OTHER, f"{g.units} units")
+
+
+def describe(source: Any) -> dict[int, Role]:
+    """``{group id: Role}`` for an :class:`istfx.ISTModel` (or a :class:`istfx.Plan`)."""
+    plan = getattr(source, "plan", source)
+    analysis = getattr(source, "analysis", None)
+    flags = None
+    if analysis is not None:
+        alg = analysis.alg
+
+        def flags(g: Group) -> tuple[list[str], list[str]]:
+            f = alg.flags(g.atom)
+            return list(f.frozen), list(f.approximate)
+
+    return HeadsPass(dict(plan.state_shapes), dict(plan.state_kinds), flags).run(plan.groups)
+
+
+def roles(source: Any) -> dict[int, str]:
+    """``{group id: role name}`` for an :class:`istfx.ISTModel` or a :class:`istfx.Plan`."""
+    return {gid: role.name for gid, role in describe(source).items()}
+
+
+def role_summary(source: Any) -> dict[str, dict]:
+    """Per role: how many groups, how many are split, units per subnet, and why others stay whole.
+
+    ``why`` counts the reasons groups of that role are not split: the width
+    pass's (``"2 units < 4 subnets ..."``) for exact groups, the analysis's
+    first reason for approximate and frozen ones (an op without a rule, a
+    data-dependent index...).
+    """
+    plan = getattr(source, "plan", source)
+    out: dict[str, dict] = {}
+    for gid, role in describe(source).items():
+        g = plan.groups[gid]
+        entry = out.setdefault(role.name, {"groups": 0, "split": 0, "units": [], "per_subnet": [],
+                                           "details": [], "why": Counter()})
+        entry["groups"] += 1
+        entry["units"].append(g.units)
+        if role.detail not in entry["details"]:
+            entry["details"].append(role.detail)
+        if gid in plan.split:
+            entry["split"] += 1
+            entry["per_subnet"].append(plan.counts(g))
+        else:
+            why = plan.skipped.get(gid) if g.status == EXACT else (g.reasons[0] if g.reasons else g.status)
+            entry["why"][why or "not split"] += 1
+    return out
+
+
+__all__ = ["HeadsPass", "Role", "describe", "roles", "role_summary", "HEADS", "HEADS_IN_GROUP", "HEAD_DIM",
+           "D_MODEL", "FFN", "NEURONS", "CHANNELS", "EMBEDDING_ROWS", "IO", "OTHER"]

@@ -108,6 +108,17 @@ def _hf_kwargs(model: nn.Module, kwargs: dict) -> dict:
     return kwargs
 
 
+def without_cache(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Add ``use_cache=False`` for models whose forward takes it (a KV cache is not a graph output)."""
+    if "use_cache" not in kwargs:
+        try:
+            if "use_cache" in inspect.signature(model.forward).parameters:
+                kwargs = {**kwargs, "use_cache": False}
+        except (TypeError, ValueError):
+            pass
+    return args, kwargs
+
+
 def dynamic_dims(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     """Per input tensor, the dims the model accepts at another size.
 

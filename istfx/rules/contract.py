@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from ..axes import PRODUCT
 from .context import OpContext, op_name
-from .elementwise import rule_unknown
 
 
 def rule_linear(ctx: OpContext) -> None:
@@ -120,8 +119,8 @@ def rule_einsum(ctx: OpContext) -> None:
     operands = list(ctx.arg("tensors"))
     lhs, _, rhs = equation.partition("->")
     if "..." in equation or not rhs:
-        rule_unknown(ctx, "einsum with ellipsis or implicit output")
-        return
+        # Raised so the analysis freezes the op's axes and reports it like an op without a rule.
+        raise ValueError(f"einsum {equation!r}: ellipsis or implicit output has no axis rule")
     letters: dict[str, int] = {}
     for spec, t in zip(lhs.split(","), operands):
         for ch, a in zip(spec, ctx.axes(t)):

@@ -171,6 +171,20 @@ def _add_inspect(subparsers) -> None:
                    help="fail when an op has no axis rule, instead of keeping its axes whole")
     p.add_argument("--split-inner", action="store_true",
                    help="also split minor factors of viewed axes (e.g. head_dim inside heads x head_dim)")
+    depth = p.add_argument_group("depth (ResIST: residual blocks dealt out among subnets)")
+    depth.add_argument("--blocks", metavar="GLOB", default=None,
+                       help="deal out the residual blocks whose module path matches GLOB, e.g. '*' or "
+                            "'layer3.*' (default: no depth pass)")
+    depth.add_argument("--min-depth", type=int, default=None, metavar="K",
+                       help="each subnet holds at least K blocks (blocks then overlap); needs --blocks")
+    depth.add_argument("--no-width", dest="width", action="store_false",
+                       help="do not split neurons/channels/heads (depth only; needs --blocks)")
+    depth.add_argument("--depth-scaling", choices=("eval", "train", "none"), default="eval",
+                       help="scale branch outputs by p at evaluation (eval, default), by 1/p while "
+                            "training (train), or not at all (none)")
+    depth.add_argument("--shortcut-blocks", choices=("share", "drop"), default="share",
+                       help="blocks with a strided/projection shortcut are kept in every subnet "
+                            "(share, default) or dealt out keeping their shortcut path (drop)")
     p.set_defaults(func=_run_inspect)
 
 
@@ -193,6 +207,8 @@ def _run_inspect(args: argparse.Namespace) -> int:
         ist = istfx.compile(
             model, args.subnets, example_inputs=example_inputs, policy=policy, sizes=args.sizes,
             seed=args.seed, strict=args.strict, split_inner=args.split_inner,
+            blocks=args.blocks, min_depth=args.min_depth, width=args.width,
+            depth_scaling=args.depth_scaling, shortcut_blocks=args.shortcut_blocks,
         )
         if graph_path is not None:
             from .graphview import plan_graph_svg
@@ -237,6 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
                         version=f"istfx {istfx.__version__} (torch {torch.__version__})")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_inspect(subparsers)
+    from .cli_train import add_parser as _add_train
+
+    _add_train(subparsers)
     return parser
 
 

@@ -65,6 +65,7 @@ class ISTModel:
         self._open: tuple[int, RoundSlices] | None = None
         self._requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
         self._fold_targets: list[str] = []
+        self._finalized = False
 
     # -- model state -------------------------------------------------------------
     def state_tensor(self, name: str) -> torch.Tensor:
@@ -152,15 +153,18 @@ class ISTModel:
     def finalize(self) -> nn.Module:
         """Fold the evaluation scaling into the model for good (call once, after training).
 
-        Afterwards the user's model is ready for inference with no hand edits.
-        Returns the model.
+        Afterwards the user's model is ready for inference with no hand edits,
+        and :meth:`inference_scaling` changes nothing more. Returns the model.
         """
+        if self._finalized:
+            raise ISTError("finalize() was already called: the branch scaling is in the model once.")
         self._apply_branch_scaling()
+        self._finalized = True
         return self.model
 
     def _apply_branch_scaling(self) -> dict[str, torch.Tensor]:
         saved: dict[str, torch.Tensor] = {}
-        if not self.plan.blocks or self.plan.depth_scaling != "eval":
+        if not self.plan.blocks or self.plan.depth_scaling != "eval" or self._finalized:
             return saved
         p = self.plan.keep_probability
         with torch.no_grad():

@@ -1,0 +1,673 @@
+"""The depth pass (ResIST): residual blocks found on the graph, dealt out, skipped, scaled.
+
+Invariants are checked as property tests on random residual MLPs and CNNs
+built here (pre- and post-activation blocks, BatchNorm with and without
+running statistics, LayerNorm, projection shortcuts, a layer with two
+residual branches) and on the reference ResNets:
+
+- round trip: decompose + reassemble, untrained, changes nothing bit for bit;
+- coverage: each dealt-out block in exactly one subnet per round, or, with
+  ``min_depth=k``, every subnet holds >= k blocks and every block >= 1;
+- mask equivalence: a subnet equals the full model with the branches of the
+  blocks it skips zeroed (and, with width splitting, the units it does not
+  hold zeroed), in float64 and train mode; with ``depth_scaling="train"``
+  the branches it holds are multiplied by 1/p;
+- interface: subnets take batches of 1, 3 and 17.
+
+The reference side never uses istfx's own scaling or dropping code: branch
+outputs are zeroed or scaled by forward hooks on the module that computes
+them in a copy of the model.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+import io
+import json
+import os
+import warnings
+from dataclasses import dataclass
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import istfx
+from istfx.errors import ISTError
+from istfx.models import PreActResNet, ResNet
+from istfx.testing import masked_state
+
+SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+                derandomize=True)
+ATOL, RTOL = 1e-10, 1e-8
+
+
+def examples(n: int) -> int:
+    """Hypothesis example count `n`, scaled by ``ISTFX_PROPERTY_SCALE`` (e.g. 10 for a long run)."""
+    return max(1, round(n * float(os.environ.get("ISTFX_PROPERTY_SCALE", "1"))))
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+# -- residual models built for the tests --------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Spec:
+    kind: str  # "mlp" | "cnn" | "layer" (two residual branches in one module)
+    blocks: int  # blocks with an identity skip
+    width: int  # residual stream features / channels
+    hidden: int  # inside a branch
+    pre: bool  # pre-activation branch (norm inside), else post-activation (ReLU after the add)
+    norm: str  # "none" | "bn" (running statistics) | "bn_batch" (batch statistics) | "ln" (mlp/layer)
+    projection: bool  # a shape-changing block with a projection shortcut after the first block
+    subnets: int
+    min_depth: int | None
+    split_width: bool
+    scaling: str  # "eval" | "train"
+    seed: int
+
+    @property
+    def features(self) -> int:
+        return 5
+
+
+def _norm(kind: str, dim: int, conv: bool) -> nn.Module:
+    if kind == "none":
+        return nn.Identity()
+    if kind == "ln":
+        return nn.LayerNorm(dim)
+    bn = nn.BatchNorm2d if conv else nn.BatchNorm1d
+    return bn(dim, track_running_stats=kind == "bn")
+
+
+class MLPBlock(nn.Module):
+    """``x + fc2(relu(fc1(relu(norm(x)))))`` (pre) or ``relu(x + norm(fc2(relu(fc1(x)))))`` (post)."""
+
+    def __init__(self, d_in: int, d_out: int, hidden: int, pre: bool, norm: str) -> None:
+        super().__init__()
+        self.pre = pre
+        self.norm = _norm(norm, d_in if pre else d_out, conv=False)
+        self.fc1 = nn.Linear(d_in, hidden)
+        self.fc2 = nn.Linear(hidden, d_out)
+        self.proj = nn.Linear(d_in, d_out, bias=False) if d_in != d_out else None
+
+    def forward(self, x):
+        if self.pre:
+            out = self.fc2(torch.relu(self.fc1(torch.relu(self.norm(x)))))
+        else:
+            out = self.norm(self.fc2(torch.relu(self.fc1(x))))
+        skip = self.proj(x) if self.proj is not None else x
+        return skip + out if self.pre else torch.relu(skip + out)
+
+
+class ConvBlock(nn.Module):
+    """The same with 3x3 convolutions; a strided 1x1 projection when the shape changes."""
+
+    def __init__(self, c_in: int, c_out: int, hidden: int, pre: bool, norm: str, stride: int = 1) -> None:
+        super().__init__()
+        self.pre = pre
+        self.norm = _norm(norm, c_in if pre else c_out, conv=True)
+        self.conv1 = nn.Conv2d(c_in, hidden, 3, stride=stride, padding=1)
+        self.conv2 = nn.Conv2d(hidden, c_out, 3, padding=1)
+        self.proj = nn.Conv2d(c_in, c_out, 1, stride=stride) if stride != 1 or c_in != c_out else None
+
+    def forward(self, x):
+        if self.pre:
+            out = self.conv2(torch.relu(self.conv1(torch.relu(self.norm(x)))))
+        else:
+            out = self.norm(self.conv2(torch.relu(self.conv1(x))))
+        skip = self.proj(x) if self.proj is not None else x
+        return skip + out if self.pre else torch.relu(skip + out)
+
+
+class TwoBranchLayer(nn.Module):
+    """A pre-norm transformer-style layer: two residual branches, one droppable unit."""
+
+    def __init__(self, d: int, hidden: int, norm: str) -> None:
+        super().__init__()
+        self.norm1, self.norm2 = _norm(norm, d, False), _norm(norm, d, False)
+        self.mix = nn.Linear(d, d)
+        self.up, self.down = nn.Linear(d, hidden), nn.Linear(hidden, d)
+
+    def forward(self, x):
+        x = x + self.mix(self.norm1(x))
+        return x + self.down(torch.tanh(self.up(self.norm2(x))))
+
+
+class ResidualNet(nn.Module):
+    def __init__(self, spec: Spec) -> None:
+        super().__init__()
+        d, h, conv = spec.width, spec.hidden, spec.kind == "cnn"
+        self.stem = nn.Conv2d(1, d, 3, padding=1) if conv else nn.Linear(spec.features, d)
+        blocks = []
+        for i in range(spec.blocks):
+            if spec.kind == "layer":
+                blocks.append(TwoBranchLayer(d, h, spec.norm))
+            elif conv:
+                blocks.append(ConvBlock(d, d, h, spec.pre, spec.norm))
+            else:
+                blocks.append(MLPBlock(d, d, h, spec.pre, spec.norm))
+            if i == 0 and spec.projection:
+                d2 = d + 2
+                blocks.append(ConvBlock(d, d2, h, spec.pre, spec.norm, stride=2) if conv
+                              else MLPBlock(d, d2, h, spec.pre, spec.norm if spec.kind == "mlp" else "none"))
+                d = d2
+        self.blocks = nn.Sequential(*blocks)
+        self.head = nn.Linear(d, 3)
+        self.conv = conv
+
+    def forward(self, x):
+        out = self.blocks(self.stem(x))
+        if self.conv:
+            out = out.mean(dim=(2, 3))
+        return self.head(out)
+
+
+def build(spec: Spec) -> nn.Module:
+    torch.manual_seed(spec.seed)
+    model = ResidualNet(spec).double()
+    _perturb_norms(model)
+    return model
+
+
+def _perturb_norms(model: nn.Module) -> None:
+    """Non-trivial affine parameters and running statistics (defaults are 1 and 0)."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm)) and m.weight is not None:
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0, 0.2)
+            if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) and m.running_mean is not None:
+                m.running_mean.normal_(0, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+
+
+def inputs(spec_or_kind, batch: int, seed: int = 0, side: int = 8) -> torch.Tensor:
+    kind = spec_or_kind if isinstance(spec_or_kind, str) else spec_or_kind.kind
+    g = torch.Generator().manual_seed(seed)
+    shape = (batch, 1, side, side) if kind in ("cnn", "resnet") else (batch, 5)
+    return torch.randn(shape, generator=g, dtype=torch.float64)
+
+
+@st.composite
+def specs(draw) -> Spec:
+    kind = draw(st.sampled_from(["mlp", "cnn", "layer"]))
+    blocks = draw(st.integers(1, 4))
+    # A layer's branches are grouped by the module that holds them: each branch goes through a norm.
+    norms = {"mlp": ["none", "bn", "bn_batch", "ln"], "cnn": ["none", "bn", "bn_batch"],
+             "layer": ["bn", "bn_batch", "ln"]}[kind]
+    projection = draw(st.booleans()) if kind != "layer" else False
+    subnets = draw(st.integers(1, 4))
+    return Spec(
+        kind=kind, blocks=blocks,
+        width=draw(st.integers(4, 8)), hidden=draw(st.integers(4, 10)),
+        pre=draw(st.booleans()), norm=draw(st.sampled_from(norms)), projection=projection,
+        subnets=subnets, min_depth=draw(st.one_of(st.none(), st.integers(1, blocks))),
+        split_width=draw(st.booleans()), scaling=draw(st.sampled_from(["eval", "train", "none"])),
+        seed=draw(st.integers(0, 2**16)),
+    )
+
+
+def compile_spec(spec: Spec) -> istfx.ISTModel:
+    return istfx.compile(build(spec), subnets=spec.subnets, example_inputs=(inputs(spec, 4),), blocks="*",
+                         min_depth=spec.min_depth, width=spec.split_width, depth_scaling=spec.scaling,
+                         seed=spec.seed)
+
+
+# -- reference side: hooks on a copy of the model --------------------------------------------
+
+
+def _fqn(path: str) -> str:
+    return path.replace("L['self'].", "").replace("[", ".").replace("]", "").replace("'", "")
+
+
+def branch_ends(ist: istfx.ISTModel, block) -> list[str]:
+    """Module paths of the ops that compute each branch output of `block` (from the captured graph)."""
+    nodes = {n.name: n for n in ist.captured.module.graph.nodes}
+    return [_fqn(list(nodes[br.output].meta["nn_module_stack"].values())[-1][0]) for br in block.branches]
+
+
+def model_tensor(ist, model: nn.Module, name: str) -> torch.Tensor:
+    kind = ist.plan.state_kinds[name]
+    return model.get_parameter(name) if kind == "parameter" else model.get_buffer(name)
+
+
+def reference(ist: istfx.ISTModel, round: int, subnet: int, held_factor: float = 1.0) -> nn.Module:
+    """A train-mode copy of the full model that computes what subnet `subnet` of `round` should.
+
+    Units the subnet does not hold are zeroed (width), branches of blocks it
+    skips are multiplied by 0, branches of blocks it holds by `held_factor`.
+    """
+    model = copy.deepcopy(ist.model).train()
+    with torch.no_grad():
+        for name, value in masked_state(ist, ist.slices(round), subnet).items():
+            model_tensor(ist, model, name).copy_(value)
+    held = set(ist.plan.block_assignment(round)[subnet])
+    for b, block in enumerate(ist.plan.blocks):
+        factor = held_factor if b in held else 0.0
+        for path in branch_ends(ist, block):
+            model.get_submodule(path).register_forward_hook(lambda mod, args, out, f=factor: out * f)
+    return model
+
+
+def scaled_copy(ist: istfx.ISTModel, factor: float) -> nn.Module:
+    """A copy of the full model with every dealt-out branch multiplied by `factor`."""
+    model = copy.deepcopy(ist.model)
+    for block in ist.plan.blocks:
+        for path in branch_ends(ist, block):
+            model.get_submodule(path).register_forward_hook(lambda mod, args, out, f=factor: out * f)
+    return model
+
+
+def snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict(keep_vars=True).items()}
+
+
+def assert_bitwise(before: dict, after: dict, what: str) -> None:
+    assert before.keys() == after.keys(), what
+    changed = [k for k in before if before[k].dtype != after[k].dtype or not torch.equal(before[k], after[k])]
+    assert not changed, f"{what}: changed {changed[:6]}"
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+    assert actual.shape == expected.shape, f"{what}: {tuple(actual.shape)} != {tuple(expected.shape)}"
+    err = (actual - expected).abs().max().item()
+    assert torch.allclose(actual, expected, atol=ATOL, rtol=RTOL), f"{what}: max abs error {err:.3e}"
+
+
+# -- invariant checks (shared by random models and ResNets) ----------------------------------
+
+
+def check_coverage(ist: istfx.ISTModel, rounds=range(3)) -> None:
+    plan = ist.plan
+    n, k = len(plan.blocks), plan.min_depth
+    for r in rounds:
+        held = plan.block_assignment(r)
+        assert held == plan.block_assignment(r), "the assignment must depend only on (seed, round)"
+        assert len(held) == plan.subnets
+        assert all(h == sorted(set(h)) and all(0 <= b < n for b in h) for h in held)
+        if k is None:
+            flat = sorted(b for h in held for b in h)
+            assert flat == list(range(n)), f"round {r}: {held} is not a partition of {n} blocks"
+            sizes = [len(h) for h in held]
+            assert max(sizes) - min(sizes) <= 1, sizes
+        else:
+            assert all(len(h) >= k for h in held), f"round {r}: {held} (min_depth={k})"
+            assert set().union(*map(set, held)) == set(range(n)), f"round {r}: a block is in no subnet"
+        # p is the average share of subnets that hold a block.
+        assert plan.keep_probability == pytest.approx(sum(map(len, held)) / (n * plan.subnets))
+
+
+def check_round_trip(ist: istfx.ISTModel, round: int) -> None:
+    # No forward pass in between: BatchNorm in train mode updates running statistics.
+    before = snapshot(ist.model)
+    report = ist.reassemble(ist.decompose(round))
+    assert sorted(report.accepted) == list(range(ist.plan.subnets)) and not report.rejected
+    assert_bitwise(before, snapshot(ist.model), f"round trip of round {round}")
+
+
+def check_skipped_blocks_absent(ist: istfx.ISTModel, subnets, round: int) -> None:
+    """A skipped block's parameters are not in the subnet; a held block's are."""
+    held = ist.plan.block_assignment(round)
+    for s, subnet in enumerate(subnets):
+        names = {n for n, _ in subnet.named_parameters()} | {n for n, _ in subnet.named_buffers()}
+        for b, block in enumerate(ist.plan.blocks):
+            params = [p for p in block.parameters if ist.plan.state_kinds[p] == "parameter"]
+            if b in held[s]:
+                assert set(params) <= names, f"subnet {s} lacks parameters of held block {block.module}"
+            else:
+                assert not set(params) & names, f"subnet {s} holds parameters of skipped block {block.module}"
+    counts = [sum(p.numel() for p in sub.parameters()) for sub in subnets]
+    assert counts == ist.subnet_parameter_counts(round)
+
+
+def check_mask_equivalence(ist: istfx.ISTModel, x: torch.Tensor, round: int) -> None:
+    factor = 1.0 / ist.plan.keep_probability if ist.plan.depth_scaling == "train" else 1.0
+    subnets = ist.decompose(round)
+    check_skipped_blocks_absent(ist, subnets, round)
+    for s, subnet in enumerate(subnets):
+        expected = reference(ist, round, s, factor)(x)
+        assert_close(subnet(x), expected, f"subnet {s} of round {round}")
+
+
+def check_batches(ist: istfx.ISTModel, make, sizes=(1, 3, 17), round: int = 0) -> None:
+    for subnet in ist.decompose(round):
+        for b in sizes:
+            out = subnet(make(b))
+            assert out.shape == (b, ist.model.head.out_features if hasattr(ist.model, "head")
+                                 else ist.model.fc.out_features)
+            assert torch.isfinite(out).all()
+
+
+def check_inference_scaling(ist: istfx.ISTModel, x: torch.Tensor) -> None:
+    """Inside the context the full model runs branches times p ('eval') or unchanged; exit restores exactly."""
+    before = snapshot(ist.model)
+    factor = ist.plan.keep_probability if ist.plan.depth_scaling == "eval" else 1.0
+    expected = scaled_copy(ist, factor).eval()(x)
+    with ist.inference_scaling() as model:
+        assert model is ist.model
+        model.eval()
+        assert_close(model(x), expected, "full model under inference_scaling")
+        if factor == 1.0:
+            assert_bitwise(before, snapshot(ist.model), "inference_scaling with nothing to fold")
+    ist.model.train()
+    assert_bitwise(before, snapshot(ist.model), "parameters after inference_scaling")
+
+
+# -- property tests on random residual networks -------------------------------------------------
+
+
+@settings(max_examples=examples(10), **SETTINGS)
+@given(spec=specs(), round=st.integers(0, 5))
+def test_invariants_random_residual_nets(spec: Spec, round: int):
+    ist = compile_spec(spec)
+    plan = ist.plan
+    expected_blocks = [f"blocks.{i + (1 if spec.projection and i > 0 else 0)}" for i in range(spec.blocks)]
+    assert [b.module for b in plan.blocks] == expected_blocks
+    assert [b.module for b in plan.shared_blocks] == (["blocks.1"] if spec.projection else [])
+    if spec.kind == "layer":
+        assert all(len(b.branches) == 2 for b in plan.blocks), "a layer's two branches form one unit"
+    check_coverage(ist)
+    check_round_trip(ist, round)
+    x = inputs(spec, 6, seed=round)
+    check_mask_equivalence(ist, x, round)
+    sizes = (3, 17) if spec.kind != "cnn" and spec.norm.startswith("bn") else (1, 3, 17)
+    check_batches(ist, lambda b: inputs(spec, b, seed=b), sizes, round)
+    check_inference_scaling(ist, x)
+
+
+# -- the reference ResNets ------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def resnet_ist(cls_name: str, depth: int = 18, subnets: int = 2, **options) -> istfx.ISTModel:
+    """A compiled width-4 ResNet in float64 (cached: capture is the slow part)."""
+    cls = {"PreActResNet": PreActResNet, "ResNet": ResNet}[cls_name]
+    torch.manual_seed(depth + subnets)
+    model = cls(depth, num_classes=10, in_channels=1, width=4).double()
+    _perturb_norms(model)
+    options.setdefault("blocks", "*")
+    return istfx.compile(model, subnets=subnets, example_inputs=(inputs("resnet", 2),), **options)
+
+
+RESNET_CONFIGS = [
+    ("PreActResNet", 18, 2, dict(width=False)),
+    ("ResNet", 18, 4, dict(width=False, min_depth=2, depth_scaling="train")),
+    ("PreActResNet", 18, 3, dict(width=True, blocks="layer[14].*")),  # width and depth together
+    ("ResNet", 18, 2, dict(width=False, shortcut_blocks="drop")),  # ResIST's naive decomposition
+]
+DROPPABLE = ["layer1.0", "layer1.1", "layer2.1", "layer3.1", "layer4.1"]
+STRIDED = ["layer2.0", "layer3.0", "layer4.0"]
+
+
+def _resnet(config) -> istfx.ISTModel:
+    cls_name, depth, subnets, options = config
+    return resnet_ist(cls_name, depth, subnets, **options)
+
+
+@pytest.mark.parametrize("config", [0, 1], ids=["PreActResNet", "ResNet"])
+def test_resnet18_blocks(config):
+    ist = _resnet(RESNET_CONFIGS[config])
+    plan = ist.plan
+    assert [b.module for b in plan.blocks] == DROPPABLE
+    assert [b.module for b in plan.shared_blocks] == STRIDED
+    assert all(not b.droppable and "shortcut is not the identity" in b.reason for b in plan.shared_blocks)
+    info = {b["module"]: b for b in plan.to_dict()["blocks"]}
+    assert [m for m, b in info.items() if b["droppable"]] == DROPPABLE
+    assert all("shortcut" in info[m]["reason"] for m in STRIDED)
+    params = info["layer1.1"]["parameters"]
+    assert params and all(p.startswith("layer1.1.") for p in params)
+    last = "conv2.weight" if config == 0 else "bn2.weight"
+    assert "layer1.1." + last in params and "layer1.1.conv1.weight" in params
+    text = str(plan)
+    assert "drop  layer1.0" in text and "keep  layer2.0: shortcut is not the identity" in text
+
+
+def test_naive_decomposition_deals_out_strided_blocks():
+    ist = _resnet(RESNET_CONFIGS[3])
+    assert sorted(b.module for b in ist.plan.blocks) == sorted(DROPPABLE + STRIDED)
+    assert ist.plan.shared_blocks == []
+    # A skipped strided block keeps its projection shortcut: the subnet still changes shape there.
+    held = ist.plan.block_assignment(0)
+    strided = [b for b, block in enumerate(ist.plan.blocks) if block.module in STRIDED]
+    s = next(s for s in range(2) if any(b not in held[s] for b in strided))
+    names = {n for n, _ in ist.decompose(0)[s].named_parameters()}
+    skipped = next(ist.plan.blocks[b].module for b in strided if b not in held[s])
+    assert f"{skipped}.shortcut.0.weight" in names and f"{skipped}.conv1.weight" not in names
+
+
+def test_bottleneck_blocks():
+    ist = resnet_ist("PreActResNet", 50, 4, width=False)
+    assert [b.module for b in ist.plan.shared_blocks] == ["layer1.0", "layer2.0", "layer3.0", "layer4.0"]
+    assert [b.module for b in ist.plan.blocks] == [f"layer{i}.{j}" for i, n in ((1, 3), (2, 4), (3, 6), (4, 3))
+                                                   for j in range(1, n)]
+    sub = ist.decompose(0)[0]
+    assert sum(p.numel() for p in sub.parameters()) < ist.plan.parameters_full
+
+
+@settings(max_examples=examples(6), **SETTINGS)
+@given(config=st.sampled_from(RESNET_CONFIGS), round=st.integers(0, 7))
+def test_invariants_resnets(config, round):
+    ist = _resnet(config)
+    check_coverage(ist, rounds=[round])
+    check_round_trip(ist, round)
+    check_mask_equivalence(ist, inputs("resnet", 3, seed=round), round)
+
+
+def test_resnet_selection_and_batches():
+    ist = _resnet(RESNET_CONFIGS[2])
+    assert [b.module for b in ist.plan.blocks] == ["layer1.0", "layer1.1", "layer4.1"]
+    assert {b.module for b in ist.plan.shared_blocks} == {"layer2.0", "layer2.1", "layer3.0", "layer3.1",
+                                                          "layer4.0"}
+    assert ist.plan.split, "width splitting stays on"
+    # 16x16 images: BatchNorm in train mode sees more than one value per channel even for batch 1.
+    check_batches(ist, lambda b: inputs("resnet", b, seed=b, side=16))
+
+
+def test_min_depth_overlap_and_averaging():
+    ist = _resnet(RESNET_CONFIGS[1])  # 5 blocks, 4 subnets, min_depth=2, depth only
+    held = ist.plan.block_assignment(0)
+    assert all(len(h) >= 2 for h in held) and sum(map(len, held)) > 5
+    assert ist.plan.keep_probability == pytest.approx(2 / 5)
+    # Blocks held by several subnets are averaged on reassembly.
+    subnets = ist.decompose(0)
+    holders = {b: [s for s, h in enumerate(held) if b in h] for b in range(5)}
+    b, owners = next((b, o) for b, o in holders.items() if len(o) >= 2)
+    name = ist.plan.blocks[b].module + ".conv1.weight"
+    before = ist.state_tensor(name).detach().clone()
+    with torch.no_grad():
+        for k, s in enumerate(owners):
+            subnets[s].get_parameter(name).add_(float(k + 1))
+    ist.reassemble(subnets)
+    expected = before + sum(range(1, len(owners) + 1)) / len(owners)
+    try:
+        assert_close(ist.state_tensor(name).detach(), expected, f"{name} averaged over {owners}")
+    finally:
+        with torch.no_grad():
+            ist.state_tensor(name).copy_(before)
+
+
+def test_train_scaling_hand_computed():
+    """depth_scaling='train': the kept branch of a subnet is multiplied by 1/p, written out by hand."""
+    spec = Spec("mlp", 2, 4, 6, True, "none", False, 2, None, False, "train", 0)
+    model = build(spec)
+    ist = istfx.compile(model, subnets=2, example_inputs=(inputs(spec, 4),), blocks="*", width=False,
+                        depth_scaling="train")
+    p = ist.plan.keep_probability
+    assert p == 0.5
+    x = inputs(spec, 5, seed=3)
+    held = ist.plan.block_assignment(0)
+    for s, subnet in enumerate(ist.decompose(0)):
+        h = model.stem(x)
+        for b, block in enumerate(model.blocks):
+            if b in held[s]:
+                h = h + block.fc2(torch.relu(block.fc1(torch.relu(h)))) / p
+        assert_close(subnet(x), model.head(h), f"subnet {s}")
+    # The full model needs no scaling: inference_scaling and finalize leave it as it is.
+    before = snapshot(model)
+    with ist.inference_scaling():
+        assert_bitwise(before, snapshot(model), "inference_scaling under depth_scaling='train'")
+    assert ist.finalize() is model
+    assert_bitwise(before, snapshot(model), "finalize under depth_scaling='train'")
+
+
+@pytest.mark.parametrize("config", [0, 1, 3], ids=["PreActResNet", "ResNet-train", "ResNet-naive"])
+def test_inference_scaling(config):
+    check_inference_scaling(_resnet(RESNET_CONFIGS[config]), inputs("resnet", 4, seed=11))
+
+
+@pytest.mark.parametrize("config", [0, 3], ids=["PreActResNet", "ResNet-naive"])
+def test_finalize(config):
+    """finalize folds p into the last linear op of every dealt-out branch, once and for good."""
+    ist = _resnet(RESNET_CONFIGS[config])
+    x = inputs("resnet", 4, seed=11)
+    p = ist.plan.keep_probability
+    before = snapshot(ist.model)
+    expected = scaled_copy(ist, p).eval()(x)
+    model = ist.finalize()
+    try:
+        assert model is ist.model
+        after = snapshot(model)
+        changed = {k for k in before if not torch.equal(before[k], after[k])}
+        last = ("conv2.weight",) if config == 0 else ("bn2.weight", "bn2.bias")
+        dealt = {b.module for b in ist.plan.blocks}
+        assert {k.rsplit(".", 2)[0] for k in changed} == dealt
+        assert all(k.endswith(last) for k in changed), changed
+        for k in changed:
+            assert torch.allclose(after[k], before[k] * p, rtol=0, atol=0)
+        assert_close(model.eval()(x), expected, "finalized model")
+    finally:
+        model.load_state_dict(before)
+        model.train()
+
+
+def test_fit_evaluates_with_scaling():
+    """istfx.fit trains depth-only subnets and evaluates the p-scaled full model."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    spec = Spec("cnn", 3, 4, 4, True, "bn", False, 2, None, False, "eval", 1)
+    model = build(spec).float()
+    x = inputs(spec, 32, seed=5).float()
+    y = torch.arange(32) % 3
+    data = DataLoader(TensorDataset(x, y), batch_size=8)
+    ist = istfx.compile(model, subnets=2, example_inputs=(x[:4],), blocks="*", width=False)
+    history = istfx.fit(ist, data, rounds=2, local_steps=2, eval_data=data, progress=False,
+                        optimizer=lambda ps: torch.optim.SGD(ps, lr=0.05))
+    assert len(history) == 2 and history[-1]["eval_accuracy"] is not None
+    counts = history[-1]["parameters_per_subnet"]
+    assert max(counts) < sum(p.numel() for p in model.parameters())
+
+
+# -- bad input ----------------------------------------------------------------------------
+
+
+# Three identity blocks (blocks.0, blocks.2, blocks.3) and a projection block (blocks.1).
+SMALL = Spec("mlp", 3, 6, 6, True, "none", True, 2, None, True, "eval", 0)
+
+
+def _compile_small(**options):
+    return istfx.compile(build(SMALL), subnets=2, example_inputs=(inputs(SMALL, 4),), **options)
+
+
+def test_min_depth_larger_than_blocks():
+    with pytest.raises(ISTError, match=r"min_depth=4 .*3 droppable blocks"):
+        _compile_small(blocks="*", min_depth=4)
+
+
+def test_min_depth_without_blocks():
+    with pytest.raises(ISTError, match=r"min_depth needs the depth pass.*blocks="):
+        _compile_small(min_depth=1)
+
+
+def test_glob_matching_nothing_lists_blocks():
+    with pytest.raises(ISTError) as info:
+        _compile_small(blocks="layer3.*")
+    message = str(info.value)
+    assert "'layer3.*' matches no droppable residual block" in message
+    assert "blocks.0, blocks.2, blocks.3" in message
+
+
+def test_glob_naming_only_a_shared_block():
+    with pytest.raises(ISTError, match="matches no droppable"):
+        _compile_small(blocks="blocks.1")  # the projection block
+
+
+def test_depth_on_a_model_without_residual_blocks():
+    mlp = nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
+    with pytest.raises(ISTError, match="no residual block with an identity skip"):
+        istfx.compile(mlp, subnets=2, example_inputs=(torch.randn(4, 5),), blocks="*")
+
+
+def test_depth_off_and_width_off():
+    with pytest.raises(ISTError, match="nothing would be split"):
+        _compile_small(width=False)
+
+
+@pytest.mark.parametrize("options, pattern", [
+    (dict(depth_scaling="test"), "depth_scaling must be"),
+    (dict(shortcut_blocks="keep"), "shortcut_blocks must be"),
+    (dict(min_depth=0), "min_depth=0"),
+])
+def test_bad_depth_options(options, pattern):
+    with pytest.raises(ISTError, match=pattern):
+        _compile_small(blocks="*", **options)
+
+
+# -- command line ---------------------------------------------------------------------------
+
+MODEL_FILE = """
+import torch
+from torch import nn
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 8), nn.Linear(8, 8)
+    def forward(self, x):
+        return x + self.fc2(torch.relu(self.fc1(x)))
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.head = nn.Linear(4, 8), nn.Linear(8, 2)
+        self.layers = nn.Sequential(Block(), Block(), Block())
+    def forward(self, x):
+        return self.head(self.layers(self.stem(x)))
+
+model = Net()
+example_inputs = (torch.randn(4, 4),)
+"""
+
+
+def _cli(*argv) -> tuple[int, str, str]:
+    from istfx.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(argv))
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_cli_inspect_blocks(tmp_path):
+    path = tmp_path / "net.py"
+    path.write_text(MODEL_FILE)
+    code, out, err = _cli("inspect", str(path), "--subnets", "2", "--blocks", "layers.*", "--min-depth", "2",
+                          "--no-width", "--depth-scaling", "train", "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert [b["module"] for b in report["blocks"]] == ["layers.0", "layers.1", "layers.2"]
+    assert report["min_depth"] == 2 and report["depth_scaling"] == "train"
+    assert not any(g["split"] for g in report["groups"])
+    code, out, err = _cli("inspect", str(path), "--subnets", "2", "--blocks", "*")
+    assert code == 0 and "drop  layers.1" in out
+    code, out, err = _cli("inspect", str(path), "--blocks", "nope.*")
+    assert code == 2 and "layers.0, layers.1, layers.2" in err

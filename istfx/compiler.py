@@ -311,6 +311,7 @@ def compile(
     width: bool = True,
     depth_scaling: str = "eval",
     shortcut_blocks: str = "share",
+    group_blocks: str | None = None,
 ) -> ISTModel:
     """Compile `model` for Independent Subnet Training with `subnets` subnets.
 
@@ -343,6 +344,9 @@ def compile(
         shortcut_blocks: ``"share"`` (default: strided/projection blocks are
             kept in every subnet and averaged) or ``"drop"`` (dealt out like
             the others, keeping their shortcut path; ResIST's naive variant).
+        group_blocks: a module glob (``"model.layers.*"``) whose matches are the
+            droppable units: every residual branch inside one match is dropped
+            together (by default a unit is the module holding one branch).
 
     Returns:
         An :class:`ISTModel`; ``print(ist.plan)`` shows the decomposition.
@@ -374,7 +378,8 @@ def compile(
     from istfx.passes import WidthPass  # passes build on the core, import late
 
     split, skipped = WidthPass(subnets, split_inner, split_approximate).run(groups) if width else ([], {})
-    selected, shared_blocks, folds = _plan_depth(captured, blocks, min_depth, depth_scaling, shortcut_blocks)
+    selected, shared_blocks, folds = _plan_depth(captured, blocks, min_depth, depth_scaling, shortcut_blocks,
+                                                 group_blocks)
     if not split and not width and not selected:
         raise ISTError("width=False and no blocks= given: nothing would be split. Pass blocks='*' for depth.")
     if not split and not selected:
@@ -404,7 +409,8 @@ def compile(
     return ist
 
 
-def _plan_depth(captured: Captured, pattern: str | None, min_depth: int | None, scaling: str, shortcut_blocks: str):
+def _plan_depth(captured: Captured, pattern: str | None, min_depth: int | None, scaling: str, shortcut_blocks: str,
+                group: str | None = None):
     """(blocks dealt out, blocks kept in every subnet, parameters that fold the eval scaling)."""
     if scaling not in ("eval", "train", "none"):
         raise ISTError(f"depth_scaling must be 'eval', 'train' or 'none', got {scaling!r}.")
@@ -414,9 +420,11 @@ def _plan_depth(captured: Captured, pattern: str | None, min_depth: int | None, 
         if min_depth is not None:
             raise ISTError("min_depth needs the depth pass: pass blocks='*' (or a module glob) as well.")
         return [], [], []
-    from istfx.passes.depth import find_residual_blocks, fold_targets, select_blocks
+    from istfx.passes.depth import find_residual_blocks, fold_targets, group_blocks, select_blocks
 
     found, shortcuts = find_residual_blocks(captured.module)
+    if group is not None:
+        found = group_blocks(found, group)
     droppable = [b for b in found if b.droppable]
     if not droppable:
         raise ISTError(

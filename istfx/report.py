@@ -1,6 +1,7 @@
 """Human-readable plan: what is split, what is shared, sizes per subnet."""
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -35,7 +36,8 @@ def format_plan(plan: "Plan") -> str:
         lines.append(f"residual blocks: {len(plan.blocks)} dealt out (p={p:.3f}, min_depth={plan.min_depth}, "
                      f"scaling at {plan.depth_scaling}), {len(plan.shared_blocks)} kept in every subnet")
         for b in plan.blocks:
-            lines.append(f"  drop  {b.module or '<root>'}: {len(b.parameters)} tensors, {len(b.branches)} branch(es)")
+            count = sum(math.prod(plan.state_shapes[n]) for n in b.parameters if plan.state_kinds.get(n) == "parameter")
+            lines.append(f"  drop  {b.module or '<root>'}: {count:,} parameters, {len(b.branches)} branch(es)")
         for b in plan.shared_blocks:
             lines.append(f"  keep  {b.module or '<root>'}: {b.reason or 'not selected'}")
     if plan.diagnostics:

@@ -109,6 +109,25 @@ def find_residual_blocks(gm: fx.GraphModule) -> tuple[list[Block], list[Block]]:
     return blocks, list(shortcut.values())
 
 
+def group_blocks(blocks: list[Block], pattern: str) -> list[Block]:
+    """Merge blocks into one unit per module matching `pattern` (e.g. ``"layers.*"``).
+
+    Each block joins the shortest prefix of its module path that matches the
+    glob, so a layer whose attention and MLP branches were named after
+    different submodules becomes one droppable unit.
+    """
+    merged: dict[str, Block] = {}
+    for block in blocks:
+        parts = block.module.split(".")
+        key = next((".".join(parts[:k]) for k in range(1, len(parts) + 1)
+                    if fnmatch.fnmatchcase(".".join(parts[:k]), pattern)), block.module)
+        unit = merged.setdefault(key, Block(key, droppable=True, shortcut=block.shortcut))
+        unit.branches.extend(block.branches)
+        if not block.droppable:
+            unit.droppable, unit.reason = False, block.reason
+    return list(merged.values())
+
+
 def select_blocks(blocks: list[Block], pattern: str, shortcuts: list[Block] = ()) -> list[Block]:
     """Droppable blocks whose module path matches a glob (``"*"``, ``"layer3.*"``).
 
@@ -130,6 +149,16 @@ def _branch(nodes, order, ancestors, users_of, skip: fx.Node, out: fx.Node, add:
             if u not in member_set and not u.users and u.op == "call_function" and u is not add:
                 members.append(u)
                 member_set.add(u)
+    # In-place updates of state of the branch's own modules (batch norm's step counter) go too.
+    owned = {inp.target.rsplit(".", 1)[0] for m in members for inp in m.all_input_nodes
+             if inp.op == "get_attr" and users_of[inp] <= member_set}
+    for state in nodes:
+        if state.op == "get_attr" and state.target.rsplit(".", 1)[0] in owned:
+            updates = users_of[state]
+            if updates and all(u.op == "call_function" and not u.users for u in updates):
+                for u in updates - member_set:
+                    members.append(u)
+                    member_set.add(u)
     members.sort(key=order.__getitem__)
     self_contained = all(users_of[m] <= member_set | ({add} if m is out else set()) for m in members)
     params = []

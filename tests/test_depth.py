@@ -671,3 +671,47 @@ def test_cli_inspect_blocks(tmp_path):
     assert code == 0 and "drop  layers.1" in out
     code, out, err = _cli("inspect", str(path), "--blocks", "nope.*")
     assert code == 2 and "layers.0, layers.1, layers.2" in err
+
+
+def test_group_blocks_merges_a_layers_branches() -> None:
+    """group_blocks=glob: both residual branches of one layer become one droppable unit."""
+
+    class Layer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn, self.up, self.down = nn.Linear(8, 8), nn.Linear(8, 16), nn.Linear(16, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = x + self.attn(x)
+            return x + self.down(torch.relu(self.up(x)))
+
+    model = nn.Sequential(nn.Linear(4, 8), Layer(), Layer(), nn.Linear(8, 2))
+    x = torch.randn(4, 4)
+    ungrouped = istfx.compile(model, 2, example_inputs=(x,), blocks="*", width=False)
+    assert [b.module for b in ungrouped.plan.blocks] == ["1.attn", "1", "2.attn", "2"]
+    grouped = istfx.compile(model, 2, example_inputs=(x,), blocks="*", width=False, group_blocks="*")
+    assert [b.module for b in grouped.plan.blocks] == ["1", "2"]
+    assert all(len(b.branches) == 2 for b in grouped.plan.blocks)
+    for sub, held in zip(grouped.decompose(0), grouped.plan.block_assignment(0)):
+        names = {n for n, _ in sub.named_parameters()}
+        for b, block in enumerate(grouped.plan.blocks):
+            assert all((p in names) == (b in held) for p in block.parameters)
+
+
+def test_skipped_block_takes_its_batch_norm_counter() -> None:
+    """A skipped block's in-place state updates (num_batches_tracked) leave the subnet with it."""
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bn, self.fc = nn.BatchNorm1d(8), nn.Linear(8, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x + self.fc(torch.relu(self.bn(x)))
+
+    model = nn.Sequential(nn.Linear(4, 8), Block(), Block(), nn.Linear(8, 2))
+    ist = istfx.compile(model, 2, example_inputs=(torch.randn(4, 4),), blocks="*", width=False)
+    for sub, held in zip(ist.decompose(0), ist.plan.block_assignment(0)):
+        buffers = {n for n, _ in sub.named_buffers()}
+        for b, block in enumerate(ist.plan.blocks):
+            assert (f"{block.module}.bn.num_batches_tracked" in buffers) == (b in held)

@@ -8,6 +8,7 @@ model's ``dummy_inputs``, or inferred from the model's first layer
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 from dataclasses import dataclass
 from typing import Any
@@ -53,7 +54,7 @@ def infer_example_inputs(model: nn.Module) -> tuple[tuple, dict]:
     dummy = getattr(model, "dummy_inputs", None)
     if isinstance(dummy, dict) and dummy:
         kwargs = {k: _at_least_batch_2(v) for k, v in dummy.items()}
-        return (), _hf_kwargs(model, kwargs)
+        return (), kwargs
     for layer in model.modules():
         candidates = _candidates_for(layer)
         if candidates is None:
@@ -101,22 +102,22 @@ def _at_least_batch_2(value: Any) -> Any:
     return value
 
 
-def _hf_kwargs(model: nn.Module, kwargs: dict) -> dict:
-    params = inspect.signature(model.forward).parameters
-    if "use_cache" in params:
-        kwargs["use_cache"] = False
-    return kwargs
+@contextlib.contextmanager
+def _no_kv_cache(model: nn.Module):
+    """Capture with a Hugging Face config's ``use_cache`` off: a KV cache is not a graph output.
 
-
-def without_cache(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    """Add ``use_cache=False`` for models whose forward takes it (a KV cache is not a graph output)."""
-    if "use_cache" not in kwargs:
-        try:
-            if "use_cache" in inspect.signature(model.forward).parameters:
-                kwargs = {**kwargs, "use_cache": False}
-        except (TypeError, ValueError):
-            pass
-    return args, kwargs
+    The flag is set on the config for the capture only, so subnets keep the
+    model's own call signature (no extra ``use_cache`` argument).
+    """
+    config = getattr(model, "config", None)
+    before = getattr(config, "use_cache", None)
+    if before:
+        config.use_cache = False
+    try:
+        yield
+    finally:
+        if before:
+            config.use_cache = before
 
 
 def dynamic_dims(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -234,6 +235,11 @@ def _accepts(model: nn.Module, args: tuple, kwargs: dict, grown: dict) -> bool:
 
 def capture(model: nn.Module, args: tuple, kwargs: dict) -> Captured:
     """Export `model` non-strict with every dim the model accepts at any size dynamic."""
+    with _no_kv_cache(model):
+        return _capture(model, args, kwargs)
+
+
+def _capture(model: nn.Module, args: tuple, kwargs: dict) -> Captured:
     dyn_args, dyn_kwargs = dynamic_dims(model, args, kwargs)
     signature = inspect.signature(model.forward)
     try:

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .analysis import AnalysisResult, AxisAnalysis
-from .capture import Captured, capture, infer_example_inputs, normalize_example_inputs, without_cache
+from .capture import Captured, capture, infer_example_inputs, normalize_example_inputs
 from .errors import ISTError, NonFiniteUpdateError, UnsupportedOpError
 from .groups import EXACT, build_groups
 from .plan import Plan, Policy, parse_policy
@@ -365,7 +365,7 @@ def compile(
     if example_inputs is None:
         args, kwargs = infer_example_inputs(model)
     else:
-        args, kwargs = without_cache(model, *normalize_example_inputs(example_inputs))
+        args, kwargs = normalize_example_inputs(example_inputs)
     captured = capture(model, args, kwargs)
     analysis = AxisAnalysis(captured.module).run()
     if strict and analysis.diagnostics:

@@ -141,8 +141,9 @@ def model_device(module: nn.Module) -> torch.device:
 
 
 from .local import LocalBackend
+from .torch_dist import TorchDistBackend
 
-BACKENDS: dict[str, Callable[[], Backend]] = {"local": LocalBackend}
+BACKENDS: dict[str, Callable[[], Backend]] = {"local": LocalBackend, "torch": TorchDistBackend}
 """Backends known by name."""
 
 
@@ -170,6 +171,7 @@ __all__ = [
     "LocalBackend",
     "RoundResult",
     "SubnetResult",
+    "TorchDistBackend",
     "TrainSubnet",
     "get_backend",
     "model_device",

@@ -21,6 +21,15 @@ full-size copy of every per-parameter state tensor (SGD momentum, Adam
 moments, ...) is kept: each round it is cut like the parameters
 (:meth:`RoundSlices.take`) and loaded into the subnets' new optimizers, then
 written back (:meth:`RoundSlices.put`) after training.
+
+With a distributed backend (``backend="torch"`` or a
+:class:`istfx.backends.TorchDistBackend`) every rank calls ``fit`` with the
+same arguments; each trains its own subnet slot, and rank 0 evaluates, logs
+and writes the metrics. ``train_data`` may then be a function
+``subnet -> iterable`` so each rank builds only its own shard.
+``checkpoint_dir``/``checkpoint_every`` save safetensors checkpoints
+(:mod:`istfx.checkpoint`) and ``resume=True`` continues from the newest one
+on the same trajectory: same assignments, data positions and RNG states.
 """
 from __future__ import annotations
 
@@ -134,14 +143,28 @@ def _correct(outputs: Any, targets: Any) -> int | None:
 
 
 class _Batches:
-    """An endless iterator over `data`, restarted when exhausted."""
+    """An endless iterator over `data`, restarted when exhausted.
 
-    def __init__(self, data: Iterable) -> None:
+    `data` may also be a function returning the iterable (called on first
+    use), so ranks only build the data of the subnets they train.
+    ``consumed`` counts the batches handed out (the position a resumed run
+    fast-forwards to).
+    """
+
+    def __init__(self, data: Iterable | Callable[[], Iterable]) -> None:
         self.data = data
         self.iterator: Iterator | None = None
         self.epoch = 0
+        self.consumed = 0
 
     def next(self) -> Any:
+        if callable(self.data) and not hasattr(self.data, "__iter__"):
+            self.data = self.data()
+        batch = self._next()
+        self.consumed += 1
+        return batch
+
+    def _next(self) -> Any:
         if self.iterator is not None:
             try:
                 return next(self.iterator)
@@ -301,13 +324,34 @@ class _SubnetTrainer:
         carry: bool,
     ) -> None:
         self.ist = ist
-        self.batches = [_Batches(train_data) for _ in range(ist.plan.subnets)]
+        if _per_subnet(train_data):
+            self.batches = [_Batches(lambda s=s: train_data(s)) for s in range(ist.plan.subnets)]
+        else:
+            self.batches = [_Batches(train_data) for _ in range(ist.plan.subnets)]
         self.local_steps = local_steps
         self.optimizer = optimizer
         self.loss_fn = loss_fn
         self.device = device
         self.carry = carry
         self.initial_state: list[dict[str, dict[str, Any]]] | None = None  # per subnet, set each round
+
+    def positions(self, slots: Iterable[int]) -> dict[str, int]:
+        """Batches each of `slots` has drawn so far (saved in checkpoints)."""
+        return {str(s): self.batches[s].consumed for s in slots}
+
+    def fast_forward(self, positions: dict[str, int], slots: list[int]) -> None:
+        """Draw (and drop) batches until each slot is back at its saved position.
+
+        Batches are drawn round by round in slot order, ``local_steps`` at a
+        time, as training drew them, so data sources that share a generator
+        (one DataLoader for every subnet) replay the same order.
+        """
+        left = {s: int(positions.get(str(s), 0)) for s in slots}
+        while any(left.values()):
+            for s in slots:
+                for _ in range(min(self.local_steps, left[s])):
+                    self.batches[s].next()
+                left[s] -= min(self.local_steps, left[s])
 
     def __call__(self, index: int, subnet: nn.Module) -> SubnetResult:
         from istfx.backends import SubnetResult
@@ -358,6 +402,11 @@ class _SubnetTrainer:
 
 
 # -- fit ------------------------------------------------------------------------
+def _per_subnet(train_data: Any) -> bool:
+    """True when `train_data` is a function ``subnet -> iterable`` (each subnet its own data)."""
+    return callable(train_data) and not hasattr(train_data, "__iter__")
+
+
 def _dataset_size(train_data: Any) -> int | None:
     dataset = getattr(train_data, "dataset", None)
     try:
@@ -382,7 +431,7 @@ def _fmt(value: float | None, spec: str) -> str:
 
 def fit(
     ist: ISTModel,
-    train_data: Iterable,
+    train_data: Iterable | Callable[[int], Iterable],
     *,
     rounds: int,
     local_steps: int,
@@ -395,6 +444,11 @@ def fit(
     progress: bool = True,
     carry_optimizer_state: bool = False,
     device: torch.device | str | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    checkpoint_every: int = 0,
+    resume: bool | str | os.PathLike = False,
+    keep_checkpoints: int | None = 2,
+    callback: Callable[[dict], None] | None = None,
 ) -> History:
     """Train ``ist.model`` with Independent Subnet Training.
 
@@ -403,8 +457,11 @@ def fit(
         train_data: re-iterable batches ``(inputs, targets)``, e.g. a
             DataLoader. ``inputs`` is a tensor, a tuple of positional
             arguments or a dict of keyword arguments. Every subnet has its own
-            iterator, restarted when exhausted.
-        rounds: IST rounds (decompose, train, reassemble).
+            iterator, restarted when exhausted. Or a function
+            ``subnet -> iterable`` giving each subnet slot its own data (its
+            shard); distributed ranks only call it for the slots they train.
+        rounds: IST rounds (decompose, train, reassemble); with `resume`, the
+            total including the rounds already done.
         local_steps: optimizer steps each subnet takes per round.
         optimizer: ``params -> torch.optim.Optimizer``; called once per subnet
             per round (SGD lr 0.01 by default, as in the IST paper).
@@ -413,23 +470,41 @@ def fit(
             ``eval_every`` rounds and after the last round (under
             :meth:`ISTModel.inference_scaling`, so models whose residual
             blocks are dealt out are evaluated with their branches scaled).
+            With a distributed backend, pass it on every rank: evaluation
+            may gather the model, which every rank takes part in; only the
+            main rank evaluates.
         eval_every: rounds between evaluations.
-        backend: ``"local"`` or a backend object (see :mod:`istfx.backends`).
+        backend: ``"local"``, ``"torch"`` or a backend object (see
+            :mod:`istfx.backends`). With a distributed backend every rank
+            calls ``fit``; the main rank (rank 0) evaluates, logs and writes
+            the metrics.
         metrics_path: if given, each round's metrics are appended to this
             file as one JSON line.
         progress: show a tqdm progress bar (only on a terminal).
         carry_optimizer_state: keep per-parameter optimizer state (momentum,
             Adam moments) across rounds, cut and written back like the
             parameters; by default each round starts a fresh optimizer.
+            Local backend only.
         device: where subnets train (default: the model's device); the model
             itself stays where it is and is evaluated there.
+        checkpoint_dir: where checkpoints go (:mod:`istfx.checkpoint`).
+        checkpoint_every: save after every this many rounds (and after the
+            last round); 0 saves nothing.
+        resume: True to continue from the newest complete checkpoint in
+            `checkpoint_dir` (a fresh start when there is none), or the path
+            of a checkpoint. The resumed run deals the same assignments and
+            replays the data positions and RNG states, so it ends where an
+            uninterrupted run would.
+        keep_checkpoints: how many complete checkpoints to keep (None: all).
+        callback: called on the main rank with each round's metrics row.
 
     Returns:
-        A :class:`History` with one dict of metrics per round. ``ist.model``
-        holds the trained weights; when residual blocks were dealt out, call
-        ``ist.finalize()`` once training is over to fold the evaluation
-        scaling into it.
+        A :class:`History` with one dict of metrics per round run. ``ist.model``
+        holds the trained weights (on rank 0 with a distributed backend); when
+        residual blocks were dealt out, call ``ist.finalize()`` once training
+        is over to fold the evaluation scaling into it.
     """
+    from istfx import checkpoint as ckpt
     from istfx.backends import get_backend
 
     if not isinstance(ist, ISTModel):
@@ -438,11 +513,16 @@ def fit(
     for label, value in (("rounds", rounds), ("local_steps", local_steps), ("eval_every", eval_every)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ISTError(f"{label} must be an int >= 1, got {value!r}.")
-    if train_data is None or not hasattr(train_data, "__iter__"):
+    if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 0:
+        raise ISTError(f"checkpoint_every must be an int >= 0, got {checkpoint_every!r}.")
+    if (checkpoint_every or resume is True) and checkpoint_dir is None:
+        raise ISTError("checkpoint_every and resume=True need checkpoint_dir.")
+    per_subnet = _per_subnet(train_data)
+    if not per_subnet and (train_data is None or not hasattr(train_data, "__iter__")):
         raise ISTError(f"train_data must be an iterable of (inputs, targets) batches such as a DataLoader, "
-                       f"got {type(train_data).__name__}.")
+                       f"or a function subnet -> iterable, got {type(train_data).__name__}.")
     try:
-        empty = len(train_data) == 0  # type: ignore[arg-type]
+        empty = not per_subnet and len(train_data) == 0  # type: ignore[arg-type]
     except TypeError:
         empty = False
     if empty:
@@ -452,22 +532,68 @@ def fit(
         raise ISTError("optimizer must be a function params -> torch.optim.Optimizer, e.g. "
                        "lambda params: torch.optim.SGD(params, lr=0.01).")
     runner = get_backend(backend)
+    distributed = callable(getattr(runner, "prepare", None))
+    if carry_optimizer_state and distributed:
+        raise ISTError("carry_optimizer_state needs the full-size optimizer state in one process: "
+                       "use the local backend, or train without it.")
     device = torch.device(device) if device is not None else None
 
     trainer = _SubnetTrainer(ist, train_data, local_steps, optimizer, loss_fn, device, carry_optimizer_state)
     opt_state = _OptimizerState(ist) if carry_optimizer_state else None
-    dataset_size = _dataset_size(train_data)
+    dataset_size = None if per_subnet else _dataset_size(train_data)
     history = History()
     samples_total = 0
+    start_round = 0
+
+    checkpoint = None
+    if resume:
+        where = checkpoint_dir if resume is True else resume
+        checkpoint = ckpt.find(where)
+        if checkpoint is None and resume is not True:
+            raise ISTError(f"resume: no complete checkpoint at {where}.")
+    if checkpoint is not None:
+        checkpoint.check(subnets=ist.plan.subnets, seed=ist.plan.seed)
+        start_round = checkpoint.next_round
+        samples_total = int(checkpoint.manifest.get("samples_total", 0))
+    if distributed:
+        saved = runner.prepare(ist, start_round, checkpoint)
+    else:
+        saved = None
+        if checkpoint is not None:
+            ckpt.load_into(ist, checkpoint)
+            saved = checkpoint.rank_state(0)
+    main = bool(getattr(runner, "is_main", True))
+    slots = list(getattr(runner, "slots", range(ist.plan.subnets)))
+    if checkpoint is not None:
+        meta = saved[0] if saved is not None else {}
+        positions = meta.get("data_positions") or {str(s): start_round * local_steps for s in slots}
+        trainer.fast_forward(positions, slots)
+        if saved is not None:
+            ckpt.restore_rng(saved[1])
+    full_model = getattr(runner, "full_model", None)
+
+    def save(round: int) -> None:
+        state = {"data_positions": trainer.positions(slots), "samples_total": samples_total}
+        manifest = {"samples_total": samples_total, "subnets": ist.plan.subnets, "seed": ist.plan.seed,
+                    "backend": getattr(runner, "name", type(runner).__name__),
+                    "topology": getattr(runner, "topology", None)}
+        if callable(getattr(runner, "save_checkpoint", None)):
+            runner.save_checkpoint(ist, checkpoint_dir, round, state, manifest, keep_checkpoints)
+            return
+        directory = ckpt.round_dir(checkpoint_dir, round)
+        ckpt.save_full(ist, directory, round)
+        ckpt.save_rank(directory, 0, state)
+        ckpt.write_manifest(checkpoint_dir, round, {**manifest, "format": ckpt.FULL, "world_size": 1},
+                            keep_checkpoints)
 
     from tqdm.auto import tqdm
 
-    show = progress and sys.stderr.isatty()
-    bar = tqdm(range(rounds), desc="IST rounds", unit="round", disable=not show, leave=True)
+    show = progress and main and sys.stderr.isatty()
+    bar = tqdm(range(start_round, rounds), desc="IST rounds", unit="round", disable=not show, leave=True)
     with contextlib.ExitStack() as stack:
         stack.callback(bar.close)
         metrics_file = (stack.enter_context(open(metrics_path, "a", encoding="utf-8"))
-                        if metrics_path is not None else None)
+                        if metrics_path is not None and main else None)
         for round in bar:
             start = time.perf_counter()
             slices = None
@@ -493,9 +619,14 @@ def fit(
                 "epochs": samples_total / dataset_size if dataset_size else None,
             }
             if eval_data is not None and ((round + 1) % eval_every == 0 or round == rounds - 1):
-                with ist.inference_scaling():  # ResIST branch scaling, when blocks are dealt out
-                    scores = evaluate(ist.model, eval_data, loss_fn)
-                row["eval_loss"], row["eval_accuracy"] = scores["loss"], scores["accuracy"]
+                with (full_model(ist) if full_model is not None else contextlib.nullcontext(ist.model)) as model:
+                    if model is not None:
+                        with ist.inference_scaling():  # ResIST branch scaling, when blocks are dealt out
+                            scores = evaluate(model, eval_data, loss_fn)
+                        row["eval_loss"], row["eval_accuracy"] = scores["loss"], scores["accuracy"]
+            if checkpoint_dir is not None and checkpoint_every and (
+                    (round + 1) % checkpoint_every == 0 or round == rounds - 1):
+                save(round)
             row.update({
                 "seconds": time.perf_counter() - start,
                 "parameters_per_subnet": list(result.parameters_per_subnet),
@@ -503,13 +634,20 @@ def fit(
                 "rejected": sorted(result.report.rejected),
                 "rejected_reasons": {int(k): v for k, v in sorted(result.report.rejected.items())},
             })
+            for key, value in result.extra.items():
+                row.setdefault(key, value)
             history.append(row)
             history.reports.append(result.report)
-            if metrics_file is not None:
+            if main and metrics_file is not None:
                 metrics_file.write(json.dumps(_json_safe(row)) + "\n")
                 metrics_file.flush()
+            if main and callback is not None:
+                callback(row)
             bar.set_postfix_str(
                 f"loss {_fmt(row['train_loss'], '.4f')} acc {_fmt(row['train_accuracy'], '.3f')}"
                 + (f" eval {_fmt(row['eval_accuracy'], '.3f')}" if row["eval_loss"] is not None else "")
             )
+    finish = getattr(runner, "finish", None)
+    if callable(finish):
+        finish(ist)
     return history

@@ -81,6 +81,16 @@ def load_model_file(path: str | Path) -> tuple[nn.Module, Any]:
     ``build_model()`` run (and removed afterwards), so a model file can import
     modules next to it.
     """
+    model, example_inputs, _ = run_model_file(path)
+    return model, example_inputs
+
+
+def run_model_file(path: str | Path, meta: bool = False) -> tuple[nn.Module, Any, Any]:
+    """Run a model file; return ``(model, example_inputs or None, the loaded module)``.
+
+    With `meta`, the file runs under ``torch.device("meta")``: parameters get
+    no storage (their values come from a checkpoint or an initial state file).
+    """
     path = Path(path)
     if not path.exists():
         raise CLIError(f"model file not found: {path}")
@@ -96,18 +106,19 @@ def load_model_file(path: str | Path) -> tuple[nn.Module, Any]:
     sys.path.insert(0, folder)
     sys.modules[name] = module
     try:
-        try:
-            spec.loader.exec_module(module)  # stays in sys.modules: the model's classes live there
-        except Exception as exc:
-            sys.modules.pop(name, None)
-            raise CLIError(f"{path.name} failed while loading: {_describe(exc, path)}") from exc
-        model, where = _model_of(module, path)
+        with torch.device("meta") if meta else contextlib.nullcontext():
+            try:
+                spec.loader.exec_module(module)  # stays in sys.modules: the model's classes live there
+            except Exception as exc:
+                sys.modules.pop(name, None)
+                raise CLIError(f"{path.name} failed while loading: {_describe(exc, path)}") from exc
+            model, where = _model_of(module, path)
     finally:
         with contextlib.suppress(ValueError):
             sys.path.remove(folder)
     if not isinstance(model, nn.Module):
         raise CLIError(f"`{where}` in {path.name} is a {type(model).__name__}, not a torch.nn.Module")
-    return model, getattr(module, "example_inputs", None)
+    return model, getattr(module, "example_inputs", None), module
 
 
 def _model_of(module: Any, path: Path) -> tuple[Any, str]:

@@ -31,12 +31,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import math
 import os
 import sys
 import tempfile
-import uuid
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -46,7 +44,7 @@ import torch
 from torch import nn
 
 import istfx
-from istfx.cli import CLIError, _describe, _model_of
+from istfx.cli import CLIError, run_model_file
 from istfx.errors import ISTError
 
 __all__ = ["ShardBatches", "add_parser", "build_parser", "main", "run"]
@@ -129,38 +127,8 @@ def _as_dataset(value: Any, what: str):
 
 # -- the model file ---------------------------------------------------------------------------
 def load_training_file(path: str | Path, meta: bool = False) -> tuple[nn.Module, Any, Any]:
-    """Run a model file; return ``(model, example_inputs or None, module)``.
-
-    With `meta`, the file runs under ``torch.device("meta")``: parameters get
-    no storage (the values come from a checkpoint or an initial state file).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise CLIError(f"model file not found: {path}")
-    path = path.resolve()
-    name = f"istfx_train_{path.stem}_{uuid.uuid4().hex[:8]}"
-    spec = importlib.util.spec_from_file_location(name, path)
-    if spec is None or spec.loader is None:
-        raise CLIError(f"cannot load {path} as Python: use a .py file")
-    module = importlib.util.module_from_spec(spec)
-    folder = str(path.parent)
-    sys.path.insert(0, folder)
-    sys.modules[name] = module
-    device = torch.device("meta") if meta else contextlib.nullcontext()
-    try:
-        with device:
-            try:
-                spec.loader.exec_module(module)
-            except Exception as exc:
-                sys.modules.pop(name, None)
-                raise CLIError(f"{path.name} failed while loading: {_describe(exc, path)}") from exc
-            model, where = _model_of(module, path)
-    finally:
-        with contextlib.suppress(ValueError):
-            sys.path.remove(folder)
-    if not isinstance(model, nn.Module):
-        raise CLIError(f"`{where}` in {path.name} is a {type(model).__name__}, not a torch.nn.Module")
-    return model, getattr(module, "example_inputs", None), module
+    """Run a model file; return ``(model, example_inputs or None, module)`` (see ``cli.run_model_file``)."""
+    return run_model_file(path, meta=meta)
 
 
 def _datasets(args: argparse.Namespace, module: Any):

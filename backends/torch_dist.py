@@ -1016,26 +1016,26 @@ class TorchDistBackend:
     def _sh_exchange(self, previous: int, round: int, traffic: comm.Traffic) -> None:
         """Move every unit from its trainer of `previous` to its trainer of `round` (one all-to-all).
 
-        Pieces are written straight into one send buffer and each old slice
-        is dropped once read, so the exchange holds the new slices, the two
-        buffers and one piece at a time.
+        Pieces are written straight into one send buffer and the old slices
+        are dropped before the new ones are allocated, so besides its homes a
+        rank holds at most the old or new slices, the two buffers and the
+        part of its units it keeps.
         """
         sp, _ = self._round(previous)
         sn, _ = self._round(round)
         me, world = self.rank, self.world_size
         device = self.comm_device
         compress = self.compress
-        new = {n: torch.empty(self._slice_shape(sn, n, me), dtype=self.dtypes[n], device=device) for n in self.cut}
         outgoing: list[list[tuple[str, tuple]]] = [[] for _ in range(world)]
         incoming: list[list[tuple[str, tuple]]] = [[] for _ in range(world)]
+        staying: list[tuple[str, tuple, torch.Tensor]] = []  # pieces this rank keeps (or parks at home)
         with torch.no_grad():
             for name in self.cut:
                 own_p, own_n = self._owners(sp, name), self._owners(sn, name)
                 for k in range(world):
                     pieces = self._pieces(name, sp, sn, own_p, own_n, me, k)
                     if k == me:
-                        for piece in pieces:
-                            self._put_piece(name, piece, self._take_piece(name, piece), new)
+                        staying.extend((name, piece, self._take_piece(name, piece)) for piece in pieces)
                     else:
                         outgoing[k].extend((name, piece) for piece in pieces)
                 for j in range(world):
@@ -1060,6 +1060,11 @@ class TorchDistBackend:
                     if last_use.get(name) == (k, position):
                         self.held.pop(name, None)  # every piece of the old slice is out
             self.held.clear()
+            new = {n: torch.empty(self._slice_shape(sn, n, me), dtype=self.dtypes[n], device=device)
+                   for n in self.cut}
+            for name, piece, value in staying:
+                self._put_piece(name, piece, value, new)
+            del staying
             output = torch.empty(sum(recv_sizes), dtype=torch.uint8, device=device)
             dist.all_to_all_single(output, send, recv_sizes, send_sizes)
             del send

@@ -4,8 +4,8 @@ A backend runs one IST round: it cuts the model into subnets
 (``ist.decompose(round)``), has each subnet trained by a *local-training
 closure*, and writes the trained subnets back (``ist.reassemble``). The closure
 is the same whichever backend runs it, so a training loop written once runs
-in this process (:class:`LocalBackend`) or, later, on torch.distributed or
-DeepSpeed workers.
+in this process (:class:`LocalBackend`), on torch.distributed ranks
+(:class:`TorchDistBackend`) or under DeepSpeed engines (:class:`DeepSpeedBackend`).
 
 Usage::
 
@@ -142,8 +142,10 @@ def model_device(module: nn.Module) -> torch.device:
 
 from .local import LocalBackend
 from .torch_dist import TorchDistBackend
+from .deepspeed_engine import DeepSpeedBackend  # imports DeepSpeed only when a run starts
 
-BACKENDS: dict[str, Callable[[], Backend]] = {"local": LocalBackend, "torch": TorchDistBackend}
+BACKENDS: dict[str, Callable[[], Backend]] = {"local": LocalBackend, "torch": TorchDistBackend,
+                                              "deepspeed": DeepSpeedBackend}
 """Backends known by name."""
 
 
@@ -168,6 +170,7 @@ def get_backend(backend: str | Backend) -> Backend:
 __all__ = [
     "BACKENDS",
     "Backend",
+    "DeepSpeedBackend",
     "LocalBackend",
     "RoundResult",
     "SubnetResult",

@@ -481,6 +481,13 @@ class TorchDistBackend:
         self._faults = _Faults(self.rank, os.environ.get("ISTFX_FAULT"))
         self.comm_device = self.device
 
+    def _check_world(self, subnets: int) -> None:
+        if self.world_size != subnets:
+            raise ISTError(
+                f"the torch backend runs one subnet per rank: world size {self.world_size} != "
+                f"{subnets} subnets. Launch {subnets} processes (--nproc {subnets})."
+            )
+
     def prepare(self, ist: ISTModel, start_round: int = 0, checkpoint: ckpt.Checkpoint | None = None):
         """Join the process group and take this rank's part of the model for `start_round`.
 
@@ -491,11 +498,7 @@ class TorchDistBackend:
         """
         self._connect()
         plan = ist.plan
-        if self.world_size != plan.subnets:
-            raise ISTError(
-                f"the torch backend runs one subnet per rank: world size {self.world_size} != "
-                f"{plan.subnets} subnets. Launch {plan.subnets} processes (--nproc {plan.subnets})."
-            )
+        self._check_world(plan.subnets)
         self.ist = ist
         self.dtypes = {n: ist.state_tensor(n).dtype for n in plan.state_kinds}
         self.shapes = {n: tuple(plan.state_shapes[n]) for n in plan.state_kinds}

@@ -25,7 +25,10 @@ round) would send for the same samples.
 The model file defines ``model`` or ``build_model()``, optionally
 ``example_inputs``, and optionally ``train_data()`` / ``eval_data()``
 returning datasets of ``(input, label)`` pairs (default: scikit-learn's
-digits, ``--data digits``) and ``loss_fn``.
+digits, ``--data digits``) and ``loss_fn``. A file whose batches are not
+rows of a dataset (graph mini-batches, see ``examples/models/gcn_sbm.py``)
+defines ``train_batches(subnet, subnets, seed)`` returning the batches of
+one subnet slot, and optionally ``eval_batches()``, instead.
 """
 from __future__ import annotations
 
@@ -52,7 +55,9 @@ __all__ = ["ShardBatches", "add_parser", "build_parser", "main", "run"]
 _EPILOG = """\
 MODEL.py defines `model` (an nn.Module) or `build_model()`, optionally
 `example_inputs`, `train_data()` and `eval_data()` (datasets of (input, label)
-pairs; default: scikit-learn's digits) and `loss_fn`.
+pairs; default: scikit-learn's digits) and `loss_fn`; or, for batches that are
+not dataset rows (graphs), `train_batches(subnet, subnets, seed)` and
+`eval_batches()` returning iterables of (inputs, targets) batches.
 
 on a cluster (the same ranks under torchrun, on every node):
   torchrun --nnodes 2 --nproc-per-node 2 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
@@ -132,7 +137,9 @@ def load_training_file(path: str | Path, meta: bool = False) -> tuple[nn.Module,
 
 
 def _datasets(args: argparse.Namespace, module: Any):
-    """(train dataset, eval dataset or None)."""
+    """(train dataset, eval dataset or None); (None, None) when the file makes its own batches."""
+    if args.data == "auto" and callable(getattr(module, "train_batches", None)):
+        return None, None
     if args.data == "digits" or (args.data == "auto" and not callable(getattr(module, "train_data", None))):
         from istfx.data import digits
 
@@ -170,7 +177,8 @@ def _fit_kwargs(args: argparse.Namespace, module: Any, test) -> dict:
         local_steps=args.local_steps,
         optimizer=lambda params: torch.optim.SGD(params, lr=lr, momentum=momentum),
         loss_fn=loss_fn,
-        eval_data=DataLoader(test, batch_size=512, shuffle=False) if test is not None else None,
+        eval_data=(module.eval_batches() if callable(getattr(module, "eval_batches", None))
+                   else DataLoader(test, batch_size=512, shuffle=False) if test is not None else None),
         eval_every=args.eval_every,
         metrics_path=args.metrics,
         progress=False,
@@ -181,7 +189,13 @@ def _fit_kwargs(args: argparse.Namespace, module: Any, test) -> dict:
     )
 
 
-def _shards(args: argparse.Namespace, train):
+def _shards(args: argparse.Namespace, train, module: Any = None):
+    if train is None:  # the file's train_batches(subnet, subnets, seed) gives each slot its batches
+        def own(subnet: int):
+            return module.train_batches(subnet, args.subnets, args.seed)
+
+        return own
+
     def data(subnet: int) -> ShardBatches:
         return ShardBatches(train, subnet, args.subnets, args.batch_size, seed=args.seed, shard=not args.no_shard)
 
@@ -268,7 +282,7 @@ def _train_local(args: argparse.Namespace) -> int:
     show, totals = _printer(args, args.quiet, _parameter_bytes(ist))
     if not args.quiet:
         print(f"istfx train: {args.model}, {args.subnets} subnets, local backend (one process)", flush=True)
-    history = istfx.fit(ist, _shards(args, train), backend=LocalBackend(), callback=show,
+    history = istfx.fit(ist, _shards(args, train, module), backend=LocalBackend(), callback=show,
                         **_fit_kwargs(args, module, test))
     if not args.quiet:
         _summary(args, history, totals, ist)
@@ -285,15 +299,32 @@ def _save(args: argparse.Namespace, ist) -> None:
             print(f"istfx: wrote the trained model to {args.save}", flush=True)
 
 
-def _worker(args: argparse.Namespace) -> int:
+def _make_backend(args: argparse.Namespace):
+    if args.backend == "deepspeed":
+        from istfx.backends.deepspeed_engine import DeepSpeedBackend
+
+        return DeepSpeedBackend(data_parallel=args.data_parallel, zero_stage=args.zero_stage,
+                                gradient_accumulation=args.grad_accum, precision=args.precision,
+                                init_from=args.init_from, timeout=args.timeout)
     from istfx.backends.torch_dist import TorchDistBackend
 
-    rank = int(os.environ["RANK"])
-    torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // max(1, int(os.environ["WORLD_SIZE"]))))
-    backend = TorchDistBackend(
+    return TorchDistBackend(
         args.topology, compress=args.compress, round_timeout=args.round_timeout,
         heartbeat_timeout=args.heartbeat_timeout, init_from=args.init_from, timeout=args.timeout,
     )
+
+
+def _describe(args: argparse.Namespace) -> str:
+    if args.backend == "deepspeed":
+        return (f"DeepSpeed (x{args.data_parallel} data parallel per subnet, ZeRO stage {args.zero_stage}, "
+                f"{args.grad_accum} accumulation steps, {args.precision})")
+    return f"torch.distributed ({args.topology}, compress {args.compress or 'none'})"
+
+
+def _worker(args: argparse.Namespace) -> int:
+    rank = int(os.environ["RANK"])
+    torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // max(1, int(os.environ["WORLD_SIZE"]))))
+    backend = _make_backend(args)
     meta = args.init_from is not None
     ist, module = _compile(args, meta=meta)
     torch.manual_seed(args.seed + 1 + rank)
@@ -301,9 +332,9 @@ def _worker(args: argparse.Namespace) -> int:
     show, totals = _printer(args, args.quiet, _parameter_bytes(ist))
     if rank == 0 and not args.quiet:
         print(f"istfx train: {args.model}, {args.subnets} subnets on {os.environ['WORLD_SIZE']} ranks, "
-              f"torch.distributed ({args.topology}, compress {args.compress or 'none'})", flush=True)
+              f"{_describe(args)}", flush=True)
     try:
-        history = istfx.fit(ist, _shards(args, train), backend=backend, callback=show,
+        history = istfx.fit(ist, _shards(args, train, module), backend=backend, callback=show,
                             **_fit_kwargs(args, module, test))
         if rank == 0:
             if not args.quiet:
@@ -332,7 +363,9 @@ def _initial_state(args: argparse.Namespace, directory: str) -> str:
 
 
 def _worker_argv(args: argparse.Namespace, init_from: str | None) -> list[str]:
-    argv = [args.model, "--subnets", str(args.subnets), "--backend", "torch", "--topology", args.topology,
+    argv = [args.model, "--subnets", str(args.subnets), "--backend", args.backend, "--topology", args.topology,
+            "--data-parallel", str(args.data_parallel), "--zero-stage", str(args.zero_stage),
+            "--grad-accum", str(args.grad_accum), "--precision", args.precision,
             "--rounds", str(args.rounds), "--local-steps", str(args.local_steps), "--data", args.data,
             "--lr", repr(args.lr), "--momentum", repr(args.momentum), "--batch-size", str(args.batch_size),
             "--seed", str(args.seed), "--policy", args.policy, "--eval-every", str(args.eval_every),
@@ -353,15 +386,19 @@ def _worker_argv(args: argparse.Namespace, init_from: str | None) -> list[str]:
 def _launch(args: argparse.Namespace) -> int:
     from istfx.launch import launch
 
-    nproc = args.nproc or args.subnets
-    if nproc != args.subnets:
-        raise CLIError(f"--nproc {nproc} != --subnets {args.subnets}: the torch backend runs one subnet per rank")
+    ranks = args.subnets * (args.data_parallel if args.backend == "deepspeed" else 1)
+    nproc = args.nproc or ranks
+    if nproc != ranks:
+        raise CLIError(f"--nproc {nproc} != {ranks}: the torch backend runs one subnet per rank" if
+                       args.backend == "torch" else
+                       f"--nproc {nproc} != --subnets {args.subnets} x --data-parallel {args.data_parallel}")
     threads = args.threads or max(1, (os.cpu_count() or 1) // nproc)
+    tolerant = args.backend == "torch" and args.topology == "ps"  # a dead worker leaves the ps job running
     with tempfile.TemporaryDirectory(prefix="istfx-train-") as tmp:
         init_from = args.init_from or _initial_state(args, tmp)
         return launch(_worker_argv(args, init_from), nproc, module="istfx.cli_train", threads=threads,
                       master_port=args.master_port,
-                      tolerate=(lambda rank: rank != 0) if args.topology == "ps" else (lambda rank: False))
+                      tolerate=(lambda rank: rank != 0) if tolerant else (lambda rank: False))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -375,6 +412,12 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError("--resume needs --checkpoint-dir")
     if args.compress == "none":
         args.compress = None
+    if args.backend != "deepspeed" and (args.data_parallel != 1 or args.grad_accum != 1
+                                        or args.zero_stage != 1 or args.precision != "fp32"):
+        raise CLIError("--data-parallel, --grad-accum, --zero-stage and --precision belong to --backend deepspeed")
+    if args.backend == "deepspeed" and (args.topology != "ps" or args.compress):
+        raise CLIError("--backend deepspeed exchanges full-precision subnets through rank 0: "
+                       "--topology sharded and --compress are options of --backend torch")
     if args.topology == "sharded" and args.backend == "torch":
         from istfx.plan import parse_policy
 
@@ -400,10 +443,19 @@ def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("-s", "--subnets", type=int, default=4, metavar="S", help="subnets per round (default: 4)")
     p.add_argument("--nproc", type=int, default=None,
                    help="processes to start on this machine (default and only value: --subnets)")
-    p.add_argument("--backend", choices=("torch", "local"), default="torch",
-                   help="torch: one process per subnet over torch.distributed (default); local: one process")
+    p.add_argument("--backend", choices=("torch", "deepspeed", "local"), default="torch",
+                   help="torch: one process per subnet over torch.distributed (default); deepspeed: each subnet "
+                        "trained by a DeepSpeed engine on --data-parallel ranks; local: one process")
     p.add_argument("--topology", choices=("ps", "sharded"), default="ps",
                    help="ps: rank 0 holds the model (default); sharded: no rank holds the full model")
+    p.add_argument("--data-parallel", type=int, default=1, metavar="D",
+                   help="deepspeed: ranks per subnet; the world is subnets x D (default: 1)")
+    p.add_argument("--zero-stage", type=int, choices=(0, 1, 2), default=1, help="deepspeed: ZeRO stage (default: 1)")
+    p.add_argument("--grad-accum", type=int, default=1, metavar="G",
+                   help="deepspeed: micro-batches per rank per optimizer step (default: 1)")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+                   help="deepspeed: engine precision (default: fp32; fp16 needs a GPU)")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     p.add_argument("--rounds", type=int, default=30, help="IST rounds (default: 30)")
     p.add_argument("--local-steps", type=int, default=10, help="SGD steps per subnet per round (default: 10)")
     p.add_argument("--data", default="auto",

@@ -52,7 +52,7 @@ from .slicing import RoundSlices
 if TYPE_CHECKING:
     from istfx.backends import SubnetResult
 
-__all__ = ["History", "evaluate", "fit"]
+__all__ = ["History", "OptimizerStep", "evaluate", "fit"]
 
 OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
 LossFn = Callable[[Any, Any], torch.Tensor]
@@ -120,7 +120,13 @@ def _call(model: nn.Module, inputs: Any) -> Any:
     return model(inputs)
 
 
+# cross_entropy's default ignore_index: such targets are not samples (e.g. unlabelled nodes of a graph batch).
+_IGNORE_INDEX = -100
+
+
 def _batch_size(inputs: Any, targets: Any) -> int:
+    if isinstance(targets, torch.Tensor) and targets.dim() == 1 and not targets.is_floating_point():
+        return int((targets != _IGNORE_INDEX).sum())
     for value in (targets, inputs):
         if isinstance(value, torch.Tensor) and value.dim() > 0:
             return value.shape[0]
@@ -132,13 +138,13 @@ def _batch_size(inputs: Any, targets: Any) -> int:
 
 
 def _correct(outputs: Any, targets: Any) -> int | None:
-    """Correct predictions when outputs are [N, C] logits and targets [N] class indices."""
+    """Correct predictions when outputs are [N, C] logits and targets [N] class indices (ignore_index skipped)."""
     if (
         isinstance(outputs, torch.Tensor) and isinstance(targets, torch.Tensor)
         and outputs.dim() == 2 and targets.dim() == 1 and outputs.shape[0] == targets.shape[0]
         and not targets.is_floating_point() and not targets.is_complex()
     ):
-        return int((outputs.argmax(dim=1) == targets).sum())
+        return int(((outputs.argmax(dim=1) == targets) & (targets != _IGNORE_INDEX)).sum())
     return None
 
 
@@ -310,6 +316,43 @@ def _greater(a: Any, b: Any) -> bool:
 
 
 # -- the local-training closure -------------------------------------------------
+class OptimizerStep:
+    """How a subnet takes optimizer steps: plain PyTorch, one batch per step.
+
+    A backend that trains through an engine (DeepSpeed) supplies its own
+    object with the same members from ``backend.stepper(subnet, optimizer)``:
+
+    - ``draws``: batches of the subnet's stream one optimizer step consumes
+      (data-parallel ranks x gradient-accumulation steps);
+    - ``computes(draw)``: whether this process computes draw ``draw`` of a
+      step (each data-parallel rank computes its own share);
+    - ``forward(inputs)``, ``backward(loss)``, ``step()``;
+    - ``finish()``: leave the trained values in the subnet's own tensors.
+    """
+
+    draws = 1
+
+    def __init__(self, subnet: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self.subnet, self.optimizer = subnet, optimizer
+        optimizer.zero_grad(set_to_none=True)
+
+    def computes(self, draw: int) -> bool:
+        return True
+
+    def forward(self, inputs: Any) -> Any:
+        return _call(self.subnet, inputs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self) -> None:
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def finish(self) -> None:
+        pass
+
+
 class _SubnetTrainer:
     """Trains one subnet for `local_steps` steps; the same for every backend."""
 
@@ -322,8 +365,10 @@ class _SubnetTrainer:
         loss_fn: LossFn,
         device: torch.device | None,
         carry: bool,
+        stepper: Callable[[nn.Module, torch.optim.Optimizer], OptimizerStep] | None = None,
     ) -> None:
         self.ist = ist
+        self.stepper = stepper or OptimizerStep
         if _per_subnet(train_data):
             self.batches = [_Batches(lambda s=s: train_data(s)) for s in range(ist.plan.subnets)]
         else:
@@ -346,12 +391,13 @@ class _SubnetTrainer:
         time, as training drew them, so data sources that share a generator
         (one DataLoader for every subnet) replay the same order.
         """
+        chunk = self.local_steps * getattr(self.stepper, "draws", 1)
         left = {s: int(positions.get(str(s), 0)) for s in slots}
         while any(left.values()):
             for s in slots:
-                for _ in range(min(self.local_steps, left[s])):
+                for _ in range(min(chunk, left[s])):
                     self.batches[s].next()
-                left[s] -= min(self.local_steps, left[s])
+                left[s] -= min(chunk, left[s])
 
     def __call__(self, index: int, subnet: nn.Module) -> SubnetResult:
         from istfx.backends import SubnetResult
@@ -369,22 +415,27 @@ class _SubnetTrainer:
                         k: v.to(param.device) if isinstance(v, torch.Tensor) and v.dim() > 0 else v
                         for k, v in entry.items()
                     }
+        stepper = self.stepper(subnet, optimizer)
         loss_sum, correct, counted, samples = 0.0, 0, 0, 0
         for _ in range(self.local_steps):
-            inputs, targets = _split_batch(self.batches[index].next())
-            inputs, targets = _to(inputs, self.device), _to(targets, self.device)
-            outputs = _call(subnet, inputs)
-            loss = self.loss_fn(outputs, targets)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            n = _batch_size(inputs, targets)
-            loss_sum += float(loss.detach()) * n
-            samples += n
-            c = _correct(outputs.detach() if isinstance(outputs, torch.Tensor) else outputs, targets)
-            if c is not None:
-                correct += c
-                counted += n
+            for draw in range(stepper.draws):
+                batch = self.batches[index].next()  # every rank draws every batch: the streams stay aligned
+                if not stepper.computes(draw):
+                    continue
+                inputs, targets = _split_batch(batch)
+                inputs, targets = _to(inputs, self.device), _to(targets, self.device)
+                outputs = stepper.forward(inputs)
+                loss = self.loss_fn(outputs, targets)
+                stepper.backward(loss)
+                n = _batch_size(inputs, targets)
+                loss_sum += float(loss.detach()) * n
+                samples += n
+                c = _correct(outputs.detach() if isinstance(outputs, torch.Tensor) else outputs, targets)
+                if c is not None:
+                    correct += c
+                    counted += n
+            stepper.step()
+        stepper.finish()
         state = None
         if self.carry:
             state = {}
@@ -538,7 +589,8 @@ def fit(
                        "use the local backend, or train without it.")
     device = torch.device(device) if device is not None else None
 
-    trainer = _SubnetTrainer(ist, train_data, local_steps, optimizer, loss_fn, device, carry_optimizer_state)
+    trainer = _SubnetTrainer(ist, train_data, local_steps, optimizer, loss_fn, device, carry_optimizer_state,
+                             stepper=getattr(runner, "stepper", None))
     opt_state = _OptimizerState(ist) if carry_optimizer_state else None
     dataset_size = None if per_subnet else _dataset_size(train_data)
     history = History()

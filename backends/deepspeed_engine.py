@@ -1,0 +1,446 @@
+"""The DeepSpeed backend: each subnet trained by a DeepSpeed engine on its own group of ranks.
+
+World = S subnet groups x D data-parallel ranks. Rank ``r`` trains subnet
+slot ``r // D`` as data-parallel rank ``r % D`` of its group. Every round:
+
+1. rank 0, which holds the full model (the original IST protocol), cuts it
+   and sends each group's leader (data-parallel rank 0) its subnet as one
+   flat buffer; the leader broadcasts it to its group (``deepspeed.comm``);
+2. every rank wraps the subnet in a fresh ``deepspeed.initialize`` engine:
+   the optimizer the user gave (``fit(optimizer=...)``) under ZeRO stage 0,
+   1 or 2 over the group, gradient accumulation, bf16/fp16 where the hardware
+   has it, any further DeepSpeed config keys the user passes;
+3. the engine takes the round's ``local_steps`` optimizer steps; each step
+   consumes ``D x G`` batches of the slot's stream (G = accumulation steps),
+   rank ``d`` of the group computing every D-th one, so the group's step
+   averages the same gradients one rank accumulating ``D x G`` batches would;
+4. the leaders send the trained slices (full-precision values, gathered
+   from ZeRO's partitions) back; rank 0 reassembles, weighted by samples,
+   rejecting non-finite updates.
+
+The engine is rebuilt each round because each round's subnet holds other
+units (optimizer state starts fresh every round, as in IST). Launch under
+the ``deepspeed`` launcher, torchrun, or ``istfx train --backend deepspeed``::
+
+    deepspeed --num_gpus 4 --module istfx.cli_train model.py --backend deepspeed \\
+        --subnets 2 --data-parallel 2 --zero-stage 2
+
+On CPU (DeepSpeed's CPU accelerator) the ranks talk gloo; on GPUs NCCL.
+A dead rank stops the job (the engines' collectives cannot lose a member);
+use the torch backend's ``ps`` topology where workers may fail.
+
+Each round's ``RoundResult.extra`` reports per rank the bytes of the subnet
+exchange (measured buffer sizes) plus the group's gradient traffic (one ring
+all-reduce of the subnet's parameters per optimizer step, what ZeRO's
+reduce-scatter and all-gather move), next to data parallel and local SGD over
+all ``S x D`` ranks for the same samples.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from istfx import checkpoint as ckpt
+from istfx import comm
+from istfx.compiler import ISTModel, ReassembleReport
+from istfx.errors import ISTError
+
+from . import RoundResult, SubnetResult, TrainSubnet, model_device
+from .torch_dist import TorchDistBackend, _released, _state, materialize_model, peak_rss_mb, release_model, rss_mb
+
+__all__ = ["DeepSpeedBackend", "PRECISIONS"]
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+_HEADER = 8  # float64 fields of a leader's result header
+
+
+def _deepspeed():
+    try:
+        import deepspeed
+    except ImportError as exc:
+        raise ISTError(
+            "the deepspeed backend needs DeepSpeed. Install it against the torch you have with:\n"
+            "    pip install --no-build-isolation 'deepspeed>=0.16'\n"
+            "(a plain `pip install deepspeed` may build against a fresh torch download)."
+        ) from exc
+    return deepspeed
+
+
+class _GroupTopology:
+    """DeepSpeed's "model parallel unit": each subnet is a whole model on its group of ranks.
+
+    The data-parallel group is the subnet's group; the model-parallel group is
+    the rank alone, so norms and overflow checks never mix subnets.
+    """
+
+    def __init__(self, rank: int, data_parallel: int, group, solo, group_ranks: list[int]) -> None:
+        self.rank, self.data_parallel = rank, data_parallel
+        self.group, self.solo, self.group_ranks = group, solo, group_ranks
+
+    def get_model_parallel_rank(self) -> int:
+        return 0
+
+    def get_model_parallel_world_size(self) -> int:
+        return 1
+
+    def get_model_parallel_group(self):
+        return self.solo
+
+    def get_data_parallel_rank(self) -> int:
+        return self.rank % self.data_parallel
+
+    def get_data_parallel_world_size(self) -> int:
+        return self.data_parallel
+
+    def get_data_parallel_group(self):
+        return self.group
+
+    def get_data_parallel_group_ranks(self) -> list[int]:
+        return list(self.group_ranks)
+
+
+class _EngineStep:
+    """One subnet's training through a DeepSpeed engine (the ``OptimizerStep`` interface)."""
+
+    def __init__(self, backend: DeepSpeedBackend, subnet: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        deepspeed = _deepspeed()
+        self.subnet = subnet
+        self.data_parallel = backend.data_parallel
+        self.dp_rank = backend.rank % backend.data_parallel
+        self.draws = backend.data_parallel * backend.gradient_accumulation
+        self.dtypes = {id(t): t.dtype for t in [*subnet.parameters(), *subnet.buffers()]}
+        self.engine, *_ = deepspeed.initialize(model=subnet, optimizer=optimizer, config=backend.engine_config(),
+                                               mpu=backend.topology_unit)
+        self.low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(backend.precision)
+
+    def computes(self, draw: int) -> bool:
+        return draw % self.data_parallel == self.dp_rank
+
+    def _cast(self, value: Any, dtype: torch.dtype) -> Any:
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            return value.to(dtype)
+        if isinstance(value, (tuple, list)):
+            return type(value)(self._cast(v, dtype) for v in value)
+        if isinstance(value, dict):
+            return {k: self._cast(v, dtype) for k, v in value.items()}
+        return value
+
+    def forward(self, inputs: Any) -> Any:
+        from istfx.training import _call
+
+        if self.low is not None:  # the engine holds low-precision weights; the loss is taken in fp32
+            return self._cast(_call(self.engine, self._cast(inputs, self.low)), torch.float32)
+        return _call(self.engine, inputs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
+        self.engine.step()  # steps the optimizer only at the accumulation boundary
+
+    def step(self) -> None:
+        pass  # the engine stepped in backward() at the accumulation boundary
+
+    def finish(self) -> None:
+        """Write the full-precision trained values back into the subnet's own tensors (a group collective)."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        with torch.no_grad():
+            for param in self.subnet.parameters():
+                full = safe_get_full_fp32_param(param)  # gathers ZeRO's fp32 partitions over the group
+                dtype = self.dtypes.get(id(param), param.dtype)
+                value = (full if full is not None else param.detach()).to(dtype).reshape(param.shape).clone()
+                param.data = value
+            for buffer in self.subnet.buffers():
+                dtype = self.dtypes.get(id(buffer))
+                if dtype is not None and buffer.dtype != dtype:
+                    buffer.data = buffer.data.to(dtype)
+        destroy = getattr(self.engine, "destroy", None)
+        if callable(destroy):
+            destroy()
+        self.engine = None
+
+
+class _Engines:
+    """``backend.stepper``: builds a subnet's engine; ``draws`` is read before any exists."""
+
+    def __init__(self, backend: DeepSpeedBackend) -> None:
+        self.backend = backend
+
+    @property
+    def draws(self) -> int:
+        return self.backend.data_parallel * self.backend.gradient_accumulation
+
+    def __call__(self, subnet: nn.Module, optimizer: torch.optim.Optimizer) -> _EngineStep:
+        return _EngineStep(self.backend, subnet, optimizer)
+
+
+class DeepSpeedBackend(TorchDistBackend):
+    """IST rounds whose subnets train under DeepSpeed engines (see the module docstring).
+
+    Args:
+        data_parallel: ranks per subnet (D); the world must be ``subnets x D``.
+        zero_stage: ZeRO stage of each engine over its group: 0, 1 or 2.
+        gradient_accumulation: micro-batches per rank per optimizer step (G).
+        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (fp16 needs a GPU;
+            bf16 runs on CPUs that DeepSpeed's CPU accelerator supports).
+        config: further DeepSpeed config entries, merged over the ones these
+            arguments make (e.g. ``{"gradient_clipping": 1.0}``).
+        timeout: the process group's timeout in seconds.
+        init_from: a safetensors file with the initial model state, read by rank 0.
+    """
+
+    name = "deepspeed"
+
+    def __init__(
+        self,
+        *,
+        data_parallel: int = 1,
+        zero_stage: int = 1,
+        gradient_accumulation: int = 1,
+        precision: str = "fp32",
+        config: dict | None = None,
+        timeout: float = 1800.0,
+        init_from: str | os.PathLike | None = None,
+    ) -> None:
+        super().__init__("ps", timeout=timeout, init_from=init_from, heartbeat_timeout=None)
+        for label, value, low in (("data_parallel", data_parallel, 1), ("gradient_accumulation",
+                                                                         gradient_accumulation, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ISTError(f"{label} must be an int >= {low}, got {value!r}.")
+        if zero_stage not in (0, 1, 2):
+            raise ISTError(f"zero_stage must be 0, 1 or 2, got {zero_stage!r} (stage 3 partitions the parameters "
+                           "themselves, which IST's slicing already does).")
+        precision = str(precision).strip().lower()
+        if precision not in PRECISIONS:
+            raise ISTError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}.")
+        if precision == "fp16" and not torch.cuda.is_available():
+            raise ISTError("precision 'fp16' needs a GPU; on CPU use 'bf16' or 'fp32'.")
+        self.data_parallel = data_parallel
+        self.zero_stage = zero_stage
+        self.gradient_accumulation = gradient_accumulation
+        self.precision = precision
+        self.extra_config = dict(config or {})
+        self.stepper = _Engines(self)
+
+    def __repr__(self) -> str:
+        return (f"DeepSpeedBackend(rank={self.rank}/{self.world_size}, data_parallel={self.data_parallel}, "
+                f"zero_stage={self.zero_stage}, precision={self.precision!r})")
+
+    @property
+    def slot(self) -> int:
+        return self.rank // self.data_parallel
+
+    @property
+    def slots(self) -> list[int]:
+        """The subnet slot this rank's group trains."""
+        return [self.slot]
+
+    def engine_config(self) -> dict:
+        """The DeepSpeed config of every subnet's engine."""
+        config: dict[str, Any] = {
+            "train_micro_batch_size_per_gpu": 1,  # batches come from fit's data; the size is informational
+            "gradient_accumulation_steps": self.gradient_accumulation,
+            "zero_optimization": {"stage": self.zero_stage},
+            "zero_allow_untested_optimizer": True,  # the user's torch optimizer, as in fit(optimizer=...)
+            "steps_per_print": 2 ** 31,
+            "wall_clock_breakdown": False,
+        }
+        if self.precision == "bf16":
+            config["bf16"] = {"enabled": True}
+        elif self.precision == "fp16":
+            config["fp16"] = {"enabled": True}
+        config.update(self.extra_config)
+        return config
+
+    # -- set-up -------------------------------------------------------------------------
+    def _connect(self) -> None:
+        deepspeed = _deepspeed()
+        import deepspeed.comm as dcomm
+
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=self.timeout))
+        self.rank, self.world_size = dcomm.get_rank(), dcomm.get_world_size()
+        if torch.cuda.is_available():
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(self.device)
+        else:
+            self.device = torch.device("cpu")
+        self.comm_device = self.device
+
+    def _check_world(self, subnets: int) -> None:
+        import deepspeed.comm as dcomm
+
+        D = self.data_parallel
+        if self.world_size != subnets * D:
+            raise ISTError(
+                f"the deepspeed backend runs {subnets} subnets x {D} data-parallel ranks = {subnets * D} ranks, "
+                f"but the world has {self.world_size}. Launch {subnets * D} processes, or set data_parallel "
+                f"(--data-parallel) to world / subnets."
+            )
+        # Every rank takes part in creating every group, in the same order.
+        groups = [dcomm.new_group(list(range(s * D, (s + 1) * D))) for s in range(subnets)]
+        solos = [dcomm.new_group([r]) for r in range(self.world_size)]
+        self.group = groups[self.slot]
+        self.topology_unit = _GroupTopology(self.rank, D, self.group, solos[self.rank],
+                                            list(range(self.slot * D, (self.slot + 1) * D)))
+
+    def _ps_prepare(self, ist: ISTModel, checkpoint: ckpt.Checkpoint | None) -> None:
+        if self.rank != 0:
+            release_model(ist)
+            return
+        if checkpoint is not None or self.init_from is not None:
+            materialize_model(ist)
+            if checkpoint is not None:
+                ckpt.load_into(ist, checkpoint)
+            else:
+                with ckpt.TensorFile(self.init_from) as handle:
+                    ckpt.load_state(ist, handle, self.init_from)
+        elif _released(ist):
+            raise ISTError("rank 0 holds the full model: build it for real or pass init_from.")
+
+    # -- the round ------------------------------------------------------------------------
+    def run_round(self, ist: ISTModel, round: int, train_subnet: TrainSubnet) -> RoundResult:
+        """Run `round` on this rank (every rank calls this with the same round)."""
+        import deepspeed.comm as dcomm
+
+        if not self._prepared or ist is not self.ist:
+            self.prepare(ist, round)
+        start = time.perf_counter()
+        S, D, me = ist.plan.subnets, self.data_parallel, self.rank
+        slot, leader = self.slot, self.rank % self.data_parallel == 0
+        sent = received = 0
+        subnets = ist.decompose(round) if me == 0 else None
+        names, specs = self._slot_names(round, slot), self._slot_specs(round, slot)
+
+        # Downlink: rank 0 -> every group's leader, then the leader -> its group.
+        works = []
+        if me == 0:
+            for s in range(1, S):
+                state = _state(subnets[s])
+                payload = comm.pack([state[n] for n in self._slot_names(round, s)], device=self.comm_device)
+                works.append((dcomm.isend(payload, s * D), payload))
+                sent += payload.numel()
+        if D > 1 or me != 0:
+            if me == 0:
+                state = _state(subnets[0])
+                payload = comm.pack([state[n] for n in names], device=self.comm_device)
+            else:
+                payload = torch.empty(comm.packed_nbytes(specs), dtype=torch.uint8, device=self.comm_device)
+                if leader:
+                    dcomm.recv(payload, 0)
+                    received += payload.numel()
+            if D > 1:
+                dcomm.broadcast(payload, src=slot * D, group=self.group)
+                if leader:
+                    sent += payload.numel() * (D - 1)
+                else:
+                    received += payload.numel()
+        for work, _ in works:
+            work.wait()
+        if me == 0:
+            subnet = subnets[0]
+        else:
+            subnet = self._instantiate(round, slot, dict(zip(names, comm.unpack(payload, specs))))
+        del payload
+
+        result = train_subnet(slot, subnet)
+        self._faults.strike(round, subnet)
+
+        # The group's totals; then uplink: leaders -> rank 0.
+        totals = torch.tensor([result.samples, result.loss_sum, -1.0 if result.correct is None else result.correct],
+                              dtype=torch.float64, device=self.comm_device)
+        if D > 1:
+            dcomm.all_reduce(totals, group=self.group)
+        samples, loss_sum, correct = totals.tolist()
+        group_result = SubnetResult(samples=int(samples), loss_sum=loss_sum,
+                                    correct=None if result.correct is None else int(correct), steps=result.steps)
+        gradient_bytes = self._gradient_bytes(subnet, result.steps)
+        rss, peak = rss_mb(), peak_rss_mb()
+        if leader and me != 0:
+            state = _state(subnet)
+            update = comm.pack([state[n].detach() for n in names], device=self.comm_device)
+            head = torch.tensor([round, samples, loss_sum, correct, result.steps,
+                                 -1 if rss is None else rss, -1 if peak is None else peak, 0.0],
+                                dtype=torch.float64, device=self.comm_device)
+            dcomm.send(head, 0)
+            dcomm.send(update, 0)
+            sent += head.numel() * 8 + update.numel()
+        parameters, sizes = self._slot_sizes(round)
+        extra_base = {"topology": "deepspeed", "data_parallel": D, "zero_stage": self.zero_stage,
+                      "precision": self.precision}
+        if me != 0:
+            results = [SubnetResult(0, 0.0, None, 0) for _ in range(S)]
+            results[slot] = group_result
+            report = ReassembleReport(round, accepted=[slot])
+            extra = {**extra_base, "bytes_sent": sent + gradient_bytes, "bytes_received": received + gradient_bytes}
+            return RoundResult(round, results, report, parameters, sizes, time.perf_counter() - start, extra)
+
+        # Rank 0: collect the leaders' updates and reassemble.
+        results = {0: group_result}
+        leader_memory: dict[int, tuple[float | None, float | None]] = {0: (rss, peak)}
+        leader_bytes = {0: (sent, received)}
+        for s in range(1, S):
+            head = torch.empty(_HEADER, dtype=torch.float64, device=self.comm_device)
+            update = torch.empty(comm.packed_nbytes(self._slot_specs(round, s)), dtype=torch.uint8,
+                                 device=self.comm_device)
+            dcomm.recv(head, s * D)
+            dcomm.recv(update, s * D)
+            received += head.numel() * 8 + update.numel()
+            values = head.tolist()
+            results[s] = SubnetResult(samples=int(values[1]), loss_sum=values[2],
+                                      correct=None if values[3] < 0 else int(values[3]), steps=int(values[4]))
+            leader_memory[s] = (values[5] if values[5] >= 0 else None, values[6] if values[6] >= 0 else None)
+            downlink = comm.packed_nbytes(self._slot_specs(round, s))
+            leader_bytes[s] = (head.numel() * 8 + update.numel() + downlink * (D - 1), downlink)
+            self._ps_write_back(round, s, subnets[s], update)
+        home = model_device(ist.model)
+        subnets = [s.to(home) for s in subnets]
+        report = ist.reassemble(subnets, weights=[max(results[s].samples, 1) for s in range(S)],
+                                on_nonfinite="skip")
+        all_results = [results[s] for s in range(S)]
+        leader_bytes[0] = (sent, received)
+        extra = {
+            **extra_base,
+            # per subnet group: what its leader sent / received in the exchange, plus its gradient traffic
+            "bytes_sent": [leader_bytes[s][0] + gradient_bytes for s in range(S)],
+            "bytes_received": [leader_bytes[s][1] + gradient_bytes for s in range(S)],
+            "gradient_bytes_per_rank": gradient_bytes,
+            "rss_mb": [leader_memory[s][0] for s in range(S)],
+            "rss_peak_mb": [leader_memory[s][1] for s in range(S)],
+            **self._comparison(all_results),
+        }
+        return RoundResult(round=round, results=all_results, report=report, parameters_per_subnet=parameters,
+                           bytes_per_subnet=sizes, seconds=time.perf_counter() - start, extra=extra)
+
+    def _gradient_bytes(self, subnet: nn.Module, steps: int) -> float:
+        """Bytes one rank moves for its group's gradient averaging over `steps` optimizer steps."""
+        if self.data_parallel == 1:
+            return 0.0
+        nbytes = sum(p.numel() * p.element_size() for p in subnet.parameters() if p.requires_grad)
+        return comm.ring_allreduce_bytes(nbytes, self.data_parallel) * steps
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def save_checkpoint(self, ist: ISTModel, root: str | os.PathLike, round: int, rank_state: dict,
+                        manifest: dict, keep: int | None = None) -> None:
+        """Rank 0 writes the full model; every rank its data position and RNG state; then the manifest."""
+        import deepspeed.comm as dcomm
+
+        directory = ckpt.round_dir(root, round)
+        if self.rank == 0:
+            ckpt.save_full(ist, directory, round)
+        ckpt.save_rank(directory, self.rank, dict(rank_state))
+        dcomm.barrier()
+        if self.rank == 0:
+            ckpt.write_manifest(root, round, {**manifest, "format": ckpt.FULL, "world_size": self.world_size,
+                                              "data_parallel": self.data_parallel}, keep)
+        dcomm.barrier()
+
+    def _comparison(self, results: list[SubnetResult]) -> dict[str, float]:
+        out = super()._comparison(results)
+        out["world_size"] = self.world_size
+        return out
+

@@ -51,7 +51,7 @@ from istfx.compiler import ISTModel, ReassembleReport
 from istfx.errors import ISTError
 
 from . import RoundResult, SubnetResult, TrainSubnet, model_device
-from .torch_dist import TorchDistBackend, _released, _state, materialize_model, peak_rss_mb, release_model, rss_mb
+from .torch_dist import TorchDistBackend, _state, peak_rss_mb, release_model, rss_mb
 
 __all__ = ["DeepSpeedBackend", "PRECISIONS"]
 
@@ -289,18 +289,10 @@ class DeepSpeedBackend(TorchDistBackend):
                                             list(range(self.slot * D, (self.slot + 1) * D)))
 
     def _ps_prepare(self, ist: ISTModel, checkpoint: ckpt.Checkpoint | None) -> None:
-        if self.rank != 0:
+        if self.rank == 0:
+            self._load_full_model(ist, checkpoint)
+        else:
             release_model(ist)
-            return
-        if checkpoint is not None or self.init_from is not None:
-            materialize_model(ist)
-            if checkpoint is not None:
-                ckpt.load_into(ist, checkpoint)
-            else:
-                with ckpt.TensorFile(self.init_from) as handle:
-                    ckpt.load_state(ist, handle, self.init_from)
-        elif _released(ist):
-            raise ISTError("rank 0 holds the full model: build it for real or pass init_from.")
 
     # -- the round ------------------------------------------------------------------------
     def run_round(self, ist: ISTModel, round: int, train_subnet: TrainSubnet) -> RoundResult:

@@ -592,18 +592,22 @@ class TorchDistBackend:
     # ==================================================================================
     # ps
     # ==================================================================================
+    def _load_full_model(self, ist: ISTModel, checkpoint: ckpt.Checkpoint | None) -> None:
+        """Rank 0 of ``ps``: the full model from `checkpoint`, ``init_from`` or as built."""
+        if checkpoint is not None or self.init_from is not None:
+            materialize_model(ist)
+            if checkpoint is not None:
+                ckpt.load_into(ist, checkpoint)
+            else:
+                with ckpt.TensorFile(self.init_from) as handle:
+                    ckpt.load_state(ist, handle, self.init_from)
+        elif _released(ist):
+            raise ISTError("rank 0 holds the full model in the ps topology: build it for real or pass init_from.")
+
     def _ps_prepare(self, ist: ISTModel, checkpoint: ckpt.Checkpoint | None) -> None:
         self.store = _store(self.timeout)
         if self.rank == 0:
-            if checkpoint is not None or self.init_from is not None:
-                materialize_model(ist)
-                if checkpoint is not None:
-                    ckpt.load_into(ist, checkpoint)
-                else:
-                    with ckpt.TensorFile(self.init_from) as handle:
-                        ckpt.load_state(ist, handle, self.init_from)
-            elif _released(ist):
-                raise ISTError("rank 0 holds the full model in the ps topology: build it for real or pass init_from.")
+            self._load_full_model(ist, checkpoint)
             now = time.monotonic()
             self._beats = {s: ("", now) for s in range(1, self.world_size)}
         else:

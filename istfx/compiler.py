@@ -380,6 +380,11 @@ def compile(
     split, skipped = WidthPass(subnets, split_inner, split_approximate).run(groups) if width else ([], {})
     selected, shared_blocks, folds = _plan_depth(captured, blocks, min_depth, depth_scaling, shortcut_blocks,
                                                  group_blocks)
+    if selected and len(selected) < subnets and not min_depth:
+        warnings.warn(
+            f"istfx: {len(selected)} residual blocks dealt out among {subnets} subnets: {subnets - len(selected)} "
+            "subnets hold none each round and train only the shared layers. Pass min_depth=1 (blocks then "
+            "overlap) or fewer subnets.", UserWarning, stacklevel=2)
     if not split and not width and not selected:
         raise ISTError("width=False and no blocks= given: nothing would be split. Pass blocks='*' for depth.")
     if not split and not selected:

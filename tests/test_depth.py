@@ -583,6 +583,17 @@ def test_min_depth_larger_than_blocks():
         _compile_small(blocks="*", min_depth=4)
 
 
+def test_fewer_blocks_than_subnets_is_warned_unless_min_depth():
+    model = build(SMALL)  # 3 droppable blocks
+    with pytest.warns(UserWarning, match=r"3 residual blocks dealt out among 4 subnets: 1 subnets hold none.*min_depth=1"):
+        istfx.compile(model, subnets=4, example_inputs=(inputs(SMALL, 4),), blocks="*", width=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        ist = istfx.compile(model, subnets=4, example_inputs=(inputs(SMALL, 4),), blocks="*", width=False,
+                            min_depth=1)
+    assert all(len(held) >= 1 for held in ist.plan.block_assignment(0))
+
+
 def test_min_depth_without_blocks():
     with pytest.raises(ISTError, match=r"min_depth needs the depth pass.*blocks="):
         _compile_small(min_depth=1)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import io
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -169,11 +171,15 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, shapes: dict, dynamic: 
     def plain():
         return torch.export.export(model, args, kwargs=kwargs, dynamic_shapes=shapes, strict=False)
 
+    # A failed first attempt is expected (data-dependent guards, e.g. PyG's self-loop removal) and is
+    # retried; export prints its partial graph to stderr on failure, so that text is kept only on success.
+    printed = io.StringIO()
     try:
-        with fx_config.patch(backed_size_oblivious=True):
+        with fx_config.patch(backed_size_oblivious=True), contextlib.redirect_stderr(printed):
             oblivious = torch.export.export(model, args, kwargs=kwargs, dynamic_shapes=shapes, strict=False)
     except Exception:
         return plain()
+    sys.stderr.write(printed.getvalue())
     probes = _size_one_probes(args, kwargs, *dynamic)
     refused = _refused(oblivious, probes)
     if not refused:

@@ -55,7 +55,7 @@ class SubnetTemplate:
             touched.add(id(graph_module))
         dropped = _drop_branches(module.graph, drop)
         _scale_branches(module.graph, scale)
-        if drop or scale:
+        if drop or scale or _follow_input_device(module.graph):
             touched.add(id(module))
         for sub in module.modules():
             if isinstance(sub, fx.GraphModule) and id(sub) in touched:
@@ -64,6 +64,9 @@ class SubnetTemplate:
         self.dropped = dropped
         self.used = (set(analysis.state) | set(analysis.aliases)) - dropped
         self.aliases = dict(analysis.aliases)
+        # Which names are parameters: the template's copy registers parameters of the root
+        # module as buffers (fx copies the placeholder tensors standing in for them).
+        self.parameters = {n for n, t in analysis.state.items() if t.kind == "parameter"}
 
     def instantiate(self, tensors: dict[str, torch.Tensor], requires_grad: dict[str, bool]) -> nn.Module:
         """A new module sharing the template's code, holding `tensors` as its state."""
@@ -78,16 +81,16 @@ class SubnetTemplate:
                 params[name] = nn.Parameter(tensor, requires_grad=requires_grad.get(name, True))
             return params[name]
 
+        def is_param(fqn: str) -> bool:
+            return self.aliases.get(fqn, fqn) in self.parameters
+
         def clone(mod: nn.Module, prefix: str) -> nn.Module:
             new = copy.copy(mod)
-            new._parameters = {
-                k: value_for(prefix + k, True) for k, v in mod._parameters.items()
-                if v is not None and prefix + k in self.used
-            }
-            new._buffers = {
-                k: value_for(prefix + k, False) for k, v in mod._buffers.items()
-                if v is not None and prefix + k in self.used
-            }
+            state = [(k, v) for k, v in [*mod._parameters.items(), *mod._buffers.items()]
+                     if v is not None and prefix + k in self.used]
+            new._parameters = {k: value_for(prefix + k, True) for k, _ in state if is_param(prefix + k)}
+            new._buffers = {k: value_for(prefix + k, False) for k, _ in state if not is_param(prefix + k)}
+            new._non_persistent_buffers_set = mod._non_persistent_buffers_set - set(new._parameters)
             for k, v in list(mod._parameters.items()) + list(mod._buffers.items()):
                 if v is not None and prefix + k not in self.used:
                     # Read by the generated code but unused (e.g. a tied weight's second name).
@@ -128,6 +131,26 @@ def _scale_branches(graph: fx.Graph, scaled: Sequence[tuple[Branch, float]]) -> 
         with graph.inserting_before(add):
             mul = graph.call_function(torch.ops.aten.mul.Tensor, (out, factor))
         add.replace_input_with(out, mul)
+
+
+def _follow_input_device(graph: fx.Graph) -> bool:
+    """Make factory ops (arange, zeros, ...) create tensors on the first tensor input's device.
+
+    Export bakes the capture device into them; a model captured on the meta
+    device (``istfx train`` builds ranks' models there) or on the CPU would
+    otherwise create meta or CPU tensors wherever its subnets run.
+    """
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"
+                    and isinstance(n.meta.get("val"), torch.Tensor)]
+    factories = [n for n in graph.nodes if n.op == "call_function"
+                 and isinstance(n.kwargs.get("device"), torch.device)]
+    if not placeholders or not factories:
+        return False
+    with graph.inserting_after(placeholders[-1]):
+        device = graph.call_function(getattr, (placeholders[0], "device"))
+    for node in factories:
+        node.kwargs = {**node.kwargs, "device": device}
+    return True
 
 
 def _state_tensors(module: nn.Module):

@@ -9,11 +9,14 @@ blocks) are CIFAR-style ResNets of depth 18/34/50/101: ResIST deals out
 their residual blocks among subnets.
 ``GPT`` is a small decoder-only Transformer language model (nanoGPT style):
 IST splits its attention heads and MLP units, and can deal out its blocks.
+``GCN`` and ``GraphSAGE`` are the graph networks of GIST: their hidden
+feature dimensions are split into independent sub-GCNs.
 """
 
 from .cnn import SmallCNN
+from .gnn import GCN, GraphSAGE
 from .gpt import GPT, GPTConfig
 from .mlp import ISTMLP
 from .resnet import PreActResNet, ResNet
 
-__all__ = ["ISTMLP", "SmallCNN", "PreActResNet", "ResNet", "GPT", "GPTConfig"]
+__all__ = ["ISTMLP", "SmallCNN", "PreActResNet", "ResNet", "GPT", "GPTConfig", "GCN", "GraphSAGE"]

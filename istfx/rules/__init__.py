@@ -29,11 +29,12 @@ import torch
 import torch.fx as fx
 
 from .context import OpContext, Rewriter, Sym, bind, dims, new_atom, op_name, set_arg
-from .contract import rule_addmm, rule_baddbmm, rule_conv, rule_einsum, rule_linear, rule_matmul, rule_mm, rule_sdpa
+from .contract import (rule_addmm, rule_baddbmm, rule_conv, rule_einsum, rule_linear, rule_matmul, rule_mm, rule_sdpa,
+                       rule_sum)
 from .elementwise import (rule_copy, rule_creation, rule_getitem, rule_identity, rule_no_output, rule_pointwise,
                           rule_positions, rule_prelu, rule_unknown)
-from .index import (rule_embedding, rule_gather, rule_index, rule_index_add, rule_index_put, rule_index_select,
-                    rule_masked_scatter_like, rule_scatter)
+from .index import (rule_embedding, rule_gather, rule_index, rule_index_add, rule_index_fill, rule_index_put,
+                    rule_index_select, rule_masked_scatter_like, rule_scatter, rule_segment_reduce)
 from .norm import rule_batch_norm, rule_group_norm, rule_layer_norm, rule_reduce, rule_rms_norm, rule_scan, rule_softmax
 from .reshape import reshape_axes
 from .shape import (rule_cat, rule_expand, rule_narrow, rule_pad, rule_permute, rule_pool, rule_repeat,
@@ -104,7 +105,8 @@ _table(rule_rms_norm, "aten.rms_norm")
 _table(rule_group_norm, "aten.group_norm", "aten.native_group_norm")
 _table(rule_softmax, "aten.softmax", "aten._softmax", "aten.log_softmax", "aten._log_softmax",
        "aten.special_softmax")
-_table(rule_reduce, "aten.sum", "aten.mean", "aten.amax", "aten.amin", "aten.max.dim", "aten.min.dim",
+_table(rule_sum, "aten.sum")
+_table(rule_reduce, "aten.mean", "aten.amax", "aten.amin", "aten.max.dim", "aten.min.dim",
        "aten.var", "aten.std", "aten.var_mean", "aten.std_mean", "aten.logsumexp", "aten.prod",
        "aten.norm", "aten.linalg_vector_norm", "aten.argmax", "aten.argmin", "aten.any", "aten.all",
        "aten.count_nonzero")
@@ -129,7 +131,10 @@ _table(rule_index, "aten.index", "aten._unsafe_index")
 _table(rule_gather, "aten.gather")
 _table(rule_scatter, "aten.scatter", "aten.scatter_", "aten.scatter_add", "aten.scatter_add_",
        "aten.scatter_reduce", "aten.scatter_reduce_")
-_table(rule_index_add, "aten.index_add", "aten.index_add_")
+_table(rule_index_add, "aten.index_add", "aten.index_add_", "aten.index_copy", "aten.index_copy_",
+       "aten.index_reduce", "aten.index_reduce_")
+_table(rule_index_fill, "aten.index_fill", "aten.index_fill_")
+_table(rule_segment_reduce, "aten.segment_reduce")
 _table(rule_index_put, "aten.index_put", "aten.index_put_", "aten._index_put_impl_")
 _table(rule_masked_scatter_like, "aten.masked_scatter", "aten.masked_select")
 _table(rule_embedding, "aten.embedding")

@@ -1,10 +1,12 @@
-"""Contractions: linear, matmul, convolution, attention, einsum."""
+"""Contractions: linear, matmul, convolution, attention, einsum, sums of products."""
 from __future__ import annotations
 
-
+import torch
+import torch.fx as fx
 
 from ..axes import PRODUCT
-from .context import OpContext, op_name
+from .context import OpContext, _dim_list, op_name
+from .norm import rule_reduce
 
 
 def rule_linear(ctx: OpContext) -> None:
@@ -130,3 +132,58 @@ def rule_einsum(ctx: OpContext) -> None:
             else:
                 letters[ch] = a
     ctx.output([letters[ch] for ch in rhs])
+
+
+# Value-preserving ops a parameter may pass through and still be a factor whose
+# masked units are zero (casts, copies, views).
+_ZERO_PRESERVING = {
+    "aten._to_copy", "aten.to", "aten.clone", "aten.contiguous", "aten.alias", "aten.detach", "aten.view",
+    "aten.reshape", "aten._unsafe_view", "aten.unsqueeze", "aten.squeeze", "aten.expand", "aten.permute",
+    "aten.transpose", "aten.t",
+}
+
+
+def _parameter_factor(node: object) -> fx.Node | None:
+    """The parameter/buffer read behind `node` through value-preserving ops, else None."""
+    while isinstance(node, fx.Node):
+        if node.op == "get_attr":
+            return node
+        if node.op != "call_function" or op_name(node) not in _ZERO_PRESERVING or not node.args:
+            return None
+        node = node.args[0]
+    return None
+
+
+def rule_sum(ctx: OpContext) -> None:
+    """sum: a contraction over the axes that a parameter factor of its summand carries.
+
+    ``(x * att).sum(-1)`` with ``att`` a parameter is ``einsum('nhc,hc->nh')``
+    (GAT's attention logits): masking units of ``c`` zeroes their entries of
+    ``att``, so their terms vanish from the sum and cutting ``c`` is exact,
+    like the contraction of a linear layer. Any other reduced axis, and any
+    sum of something that is not such a product, is approximate as for the
+    other reductions.
+    """
+    x = ctx.axes("self")
+    summand = ctx.arg("self")
+    contracted: set[int] = set()
+    if isinstance(summand, fx.Node) and summand.target in (torch.ops.aten.mul.Tensor, torch.ops.aten.mul_.Tensor):
+        for operand in summand.args[:2]:
+            param = _parameter_factor(operand)
+            if param is not None and ctx.is_tensor(param):
+                contracted |= {ctx.alg.find(a) for a in ctx.axes(param) if ctx.dim(a) != 1}
+    reduced = set(_dim_list(ctx.arg("dim"), len(x)))
+    if not contracted or not any(ctx.alg.find(x[i]) in contracted for i in reduced):
+        rule_reduce(ctx)
+        return
+    keep = bool(ctx.arg("keepdim", False))
+    out = []
+    for i, a in enumerate(x):
+        if i not in reduced:
+            out.append(a)
+            continue
+        if ctx.alg.find(a) not in contracted:
+            ctx.approximate(a, "reduced over")
+        if keep:
+            out.append(ctx.alg.new(1))
+    ctx.output(out)

@@ -74,6 +74,12 @@ def rule_scatter(ctx: OpContext) -> None:
 
 
 def rule_index_add(ctx: OpContext) -> None:
+    """index_add/index_copy/index_reduce: rows of `source` land in `self` at `index` along `dim`.
+
+    Every other axis is reduced (or copied) column by column, so it passes through
+    whatever ``reduce`` is (GNN message aggregation: the feature/head axes pass
+    through, the node axis is frozen).
+    """
     x = ctx.axes("self")
     d = _norm_dim(ctx.arg("dim"), len(x))
     src = ctx.axes("source")
@@ -83,6 +89,33 @@ def rule_index_add(ctx: OpContext) -> None:
         if i != d:
             ctx.same(a, b)
     ctx.output(list(x))
+
+
+def rule_index_fill(ctx: OpContext) -> None:
+    """index_fill: positions chosen by `index` along `dim` are overwritten; other axes pass through."""
+    x = ctx.axes("self")
+    ctx.freeze(x[_norm_dim(ctx.arg("dim"), len(x))], "indexed by data")
+    ctx.output(list(x))
+
+
+def rule_segment_reduce(ctx: OpContext) -> None:
+    """segment_reduce: runs of `data` along `axis` (lengths/offsets given by data) reduced to one row each.
+
+    The segmented axis is frozen on both sides; every other axis is reduced
+    column by column and passes through (PyG's ``segment`` on CSR batches).
+    """
+    x = ctx.axes("data")
+    d = _norm_dim(ctx.arg("axis", 0), len(x))
+    ctx.freeze(x[d], "segmented by data")
+    out = list(x)
+    out[d] = ctx.fresh([ctx.out_dims()[d]])[0]
+    ctx.freeze(out[d], "one row per segment")
+    for name in ("lengths", "offsets"):
+        bounds = ctx.arg(name)
+        if bounds is not None and ctx.is_tensor(bounds):  # batched segments: leading axes pair with data's
+            for a, b in zip(x[:d], ctx.axes(bounds)[:d]):
+                ctx.same(a, b)
+    ctx.output(out)
 
 
 def rule_index_put(ctx: OpContext) -> None:

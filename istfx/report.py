@@ -18,7 +18,10 @@ def format_plan(plan: "Plan") -> str:
         lines.append(f"parameters: full {plan.parameters_full:,}; per subnet {shown} "
                      f"({max(per) / full:.1%} of full at most)")
     lines.append("")
-    lines.append(f"{'group':>6}  {'units':>6}  {'status':<11}  {'decision':<28}  members")
+    from istfx.passes.heads import describe  # passes build on the core, import late
+
+    roles = {gid: role.name for gid, role in describe(plan).items()}
+    lines.append(f"{'group':>6}  {'units':>6}  {'status':<11}  {'role':<14}  {'decision':<28}  members")
     for g in plan.groups:
         if g.id in plan.split:
             counts = plan.counts(g)
@@ -26,10 +29,11 @@ def format_plan(plan: "Plan") -> str:
         else:
             decision = "shared"
         members = ", ".join(str(m) for m in g.members[:3]) + (f", +{len(g.members) - 3}" if len(g.members) > 3 else "")
-        lines.append(f"{'g' + str(g.id):>6}  {g.units:>6}  {g.status:<11}  {decision[:28]:<28}  {members}")
+        role = roles.get(g.id, "")
+        lines.append(f"{'g' + str(g.id):>6}  {g.units:>6}  {g.status:<11}  {role:<14}  {decision[:28]:<28}  {members}")
         why = g.reasons[0] if g.status != "exact" and g.reasons else plan.skipped.get(g.id)
         if why:
-            lines.append(f"{'':>6}  {'':>6}  {'':<11}  why: {why}")
+            lines.append(f"{'':>6}  {'':>6}  {'':<11}  {'':<14}  why: {why}")
     if plan.blocks or plan.shared_blocks:
         lines.append("")
         p = plan.keep_probability

@@ -33,7 +33,8 @@ from istfx.testing import held_mask, masked_state
 Inputs = tuple[tuple, dict]
 
 # The test models are tiny: intra-op threads only add synchronisation, and on a shared 2-core machine a
-# second thread that has to wait for a core makes every op slow (4x on the whole suite, measured).
+# second thread that has to wait for a core makes every op slow (test_models + test_training under
+# load: 33 s with two threads, 9 s with one).
 torch.set_num_threads(int(os.environ.get("ISTFX_TEST_THREADS", "1")))
 
 # float64 throughout: the tolerance only has to absorb summation order.

@@ -21,6 +21,10 @@ from . import RoundResult, TrainSubnet, model_device, subnet_bytes, subnet_param
 class LocalBackend:
     """Trains the subnets of a round sequentially in the calling process.
 
+    ``RoundResult.extra["subnet_seconds"]`` holds each subnet's training
+    time, so callers can tell what S workers side by side would have taken
+    (the round's time minus their sum plus their maximum).
+
     Args:
         on_nonfinite: passed to :meth:`ISTModel.reassemble`: ``"skip"``
             (default) leaves out and reports subnets with NaN/Inf values,
@@ -38,7 +42,11 @@ class LocalBackend:
         subnets = ist.decompose(round)
         parameters = [subnet_parameters(s) for s in subnets]
         sizes = [subnet_bytes(s) for s in subnets]
-        results = [train_subnet(index, subnet) for index, subnet in enumerate(subnets)]
+        results, seconds = [], []
+        for index, subnet in enumerate(subnets):
+            begin = time.perf_counter()
+            results.append(train_subnet(index, subnet))
+            seconds.append(time.perf_counter() - begin)
         home = model_device(ist.model)
         subnets = [s.to(home) for s in subnets]
         report = ist.reassemble(
@@ -51,4 +59,5 @@ class LocalBackend:
             parameters_per_subnet=parameters,
             bytes_per_subnet=sizes,
             seconds=time.perf_counter() - start,
+            extra={"subnet_seconds": seconds},
         )

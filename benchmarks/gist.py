@@ -51,37 +51,29 @@ import torch
 
 import istfx
 from istfx import gist, graphs
-from istfx.backends import RoundResult, subnet_bytes, subnet_parameters
+from istfx.backends import LocalBackend, RoundResult
 from istfx.models import GCN
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-class TimedBackend:
+class TimedBackend(LocalBackend):
     """The local backend with clocks: ``seconds`` (measured) and ``parallel`` (S workers side by side)."""
 
     name = "timed-local"
 
     def __init__(self) -> None:
+        super().__init__()
         self.seconds = self.parallel = 0.0
         self.steps = 0
 
     def run_round(self, ist: istfx.ISTModel, round: int, train_subnet) -> RoundResult:
-        start = time.perf_counter()
-        subnets = ist.decompose(round)
-        results, per_subnet = [], []
-        for index, subnet in enumerate(subnets):
-            t = time.perf_counter()
-            results.append(train_subnet(index, subnet))
-            per_subnet.append(time.perf_counter() - t)
-        report = ist.reassemble(subnets, weights=[max(r.samples, 1) for r in results])
-        elapsed = time.perf_counter() - start
-        self.seconds += elapsed
-        self.parallel += elapsed - sum(per_subnet) + max(per_subnet)
-        self.steps += results[0].steps
-        return RoundResult(round=round, results=results, report=report,
-                           parameters_per_subnet=[subnet_parameters(s) for s in subnets],
-                           bytes_per_subnet=[subnet_bytes(s) for s in subnets], seconds=elapsed)
+        result = super().run_round(ist, round, train_subnet)
+        per_subnet = result.extra["subnet_seconds"]
+        self.seconds += result.seconds
+        self.parallel += result.seconds - sum(per_subnet) + max(per_subnet)
+        self.steps += result.results[0].steps
+        return result
 
 
 def _cpu_name() -> str:

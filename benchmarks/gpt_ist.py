@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 import istfx
-from istfx.backends import RoundResult, subnet_bytes, subnet_parameters
+from istfx.backends import LocalBackend, RoundResult
 from istfx.models import GPT, GPTConfig
 from istfx.models.gpt import lm_loss
 
@@ -82,7 +82,7 @@ class Curve:
             self.next += self.every
 
 
-class TimedBackend:
+class TimedBackend(LocalBackend):
     """The local backend, timed: trains a round's subnets one after another and stops at the budget.
 
     ``seconds`` is the round's wall-clock; ``parallel`` charges the round its
@@ -92,34 +92,27 @@ class TimedBackend:
     name = "timed-local"
 
     def __init__(self, curve: Curve, budget: float) -> None:
+        super().__init__()
         self.curve, self.budget = curve, budget
         self.seconds = self.parallel = self.cpu = 0.0
         self.steps = self.samples = 0
 
     def run_round(self, ist: istfx.ISTModel, round: int, train_subnet) -> RoundResult:
-        start, cpu = time.perf_counter(), time.process_time()
-        subnets = ist.decompose(round)
-        results, per_subnet = [], []
-        for index, subnet in enumerate(subnets):
-            t = time.perf_counter()
-            results.append(train_subnet(index, subnet))
-            per_subnet.append(time.perf_counter() - t)
-        report = ist.reassemble(subnets, weights=[max(r.samples, 1) for r in results])
-        elapsed = time.perf_counter() - start
+        cpu = time.process_time()
+        result = super().run_round(ist, round, train_subnet)
+        per_subnet = result.extra["subnet_seconds"]
         self.cpu += time.process_time() - cpu
-        self.seconds += elapsed
-        self.parallel += elapsed - sum(per_subnet) + max(per_subnet)
-        self.steps += results[0].steps
-        self.samples += sum(r.samples for r in results)
+        self.seconds += result.seconds
+        self.parallel += result.seconds - sum(per_subnet) + max(per_subnet)
+        self.steps += result.results[0].steps
+        self.samples += result.samples
         done = self.seconds >= self.budget
         with ist.inference_scaling():
             self.curve.maybe_eval(ist.model, self.seconds, self.parallel, self.steps, self.samples, final=done,
                                   cpu=self.cpu, ist=ist)
         if done:
             raise BudgetSpent
-        return RoundResult(round=round, results=results, report=report,
-                           parameters_per_subnet=[subnet_parameters(s) for s in subnets],
-                           bytes_per_subnet=[subnet_bytes(s) for s in subnets], seconds=elapsed)
+        return result
 
 
 def run_full(model: GPT, train: RandomWindows, curve: Curve, budget: float, lr: float) -> dict:

@@ -89,7 +89,7 @@ TOPOLOGIES = ("ps", "sharded")
 
 _TRAIN, _STOP = 1, 0
 _HEADER = 10  # float64 fields of a worker's result header
-_KIND_HEADER, _KIND_PAYLOAD, _KIND_RESULT, _KIND_UPDATE, _KIND_GATHER = range(5)
+_KIND_HEADER, _KIND_PAYLOAD, _KIND_RESULT, _KIND_UPDATE, _KIND_GATHER, _KIND_GATHER_HOME = range(6)
 _READ_CHUNK = 32 * 2 ** 20  # bytes of full-width rows read at once at start-up
 
 
@@ -1214,34 +1214,52 @@ class TorchDistBackend:
 
     # -- gathering ---------------------------------------------------------------------------
     def _sh_gather(self, ist: ISTModel) -> None:
-        """Assemble the full model in rank 0's ``ist.model`` (every rank calls this)."""
+        """Assemble the full model in rank 0's ``ist.model`` (every rank calls this).
+
+        Rank 0 takes one rank's part at a time and writes it in before the
+        next arrives, so it holds the full model plus one part, never all
+        parts at once. Homes go first: they hold stale copies of elements
+        that a slice holds fresh, and the slices are written over them.
+        """
         device = self.comm_device
         held_round = self.held_for
         slices, _ = self._round(held_round)
-        mine = [self.held[n] for n in self.cut] + [self.home[n] for n in self.homed]
         if self.rank != 0:
-            buffer = comm.pack(mine, None, device=device)
-            dist.send(buffer, 0, tag=_tag(held_round, _KIND_GATHER))
+            if self.homed:
+                dist.send(comm.pack([self.home[n] for n in self.homed], None, device=device), 0,
+                          tag=_tag(held_round, _KIND_GATHER_HOME))
+            dist.send(comm.pack([self.held[n] for n in self.cut], None, device=device), 0,
+                      tag=_tag(held_round, _KIND_GATHER))
             return
         materialize_model(ist)
-        parts: dict[int, list[torch.Tensor]] = {0: mine}
-        for j in range(1, self.world_size):
-            specs = [comm.Spec(self._slice_shape(slices, n, j), self.dtypes[n]) for n in self.cut]
-            for n in self.homed:
-                bounds = self.home_bounds[n]
-                specs.append(comm.Spec((int(bounds[j + 1] - bounds[j]), *self.shapes[n][1:]), self.dtypes[n]))
-            buffer = torch.empty(comm.packed_nbytes(specs), dtype=torch.uint8, device=device)
-            dist.recv(buffer, j, tag=_tag(held_round, _KIND_GATHER))
-            parts[j] = comm.unpack(buffer, specs)
         with torch.no_grad():
-            for k, name in enumerate(self.homed):
-                full = ist.state_tensor(name)
-                bounds = self.home_bounds[name]
-                for j in range(self.world_size):
-                    full[int(bounds[j]):int(bounds[j + 1])].copy_(parts[j][len(self.cut) + k])
-            for k, name in enumerate(self.cut):
-                full = ist.state_tensor(name)
-                slices.put(name, full, [(j, parts[j][k].to(full.device), 1.0) for j in range(self.world_size)])
+            for j in range(self.world_size):
+                if not self.homed:
+                    break
+                if j == 0:
+                    homes = [self.home[n] for n in self.homed]
+                else:
+                    specs = [comm.Spec((int(self.home_bounds[n][j + 1] - self.home_bounds[n][j]),
+                                        *self.shapes[n][1:]), self.dtypes[n]) for n in self.homed]
+                    buffer = torch.empty(comm.packed_nbytes(specs), dtype=torch.uint8, device=device)
+                    dist.recv(buffer, j, tag=_tag(held_round, _KIND_GATHER_HOME))
+                    homes = comm.unpack(buffer, specs)
+                for name, part in zip(self.homed, homes):
+                    bounds = self.home_bounds[name]
+                    ist.state_tensor(name)[int(bounds[j]):int(bounds[j + 1])].copy_(part)
+                del homes
+            for j in range(self.world_size):
+                if j == 0:
+                    held = [self.held[n] for n in self.cut]
+                else:
+                    specs = [comm.Spec(self._slice_shape(slices, n, j), self.dtypes[n]) for n in self.cut]
+                    buffer = torch.empty(comm.packed_nbytes(specs), dtype=torch.uint8, device=device)
+                    dist.recv(buffer, j, tag=_tag(held_round, _KIND_GATHER))
+                    held = comm.unpack(buffer, specs)
+                for name, part in zip(self.cut, held):
+                    full = ist.state_tensor(name)
+                    slices.put(name, full, [(j, part.to(full.device), 1.0)])
+                del held
             for name in self.shared_names:
                 ist.state_tensor(name).copy_(self.shared[name])
         self.gathered = True

@@ -9,6 +9,7 @@ should a run have been killed). ::
     sudo .venv/bin/python benchmarks/time_to_accuracy.py --model mlp --workers 2 4 --link 100mbit
     sudo .venv/bin/python benchmarks/time_to_accuracy.py --model gpt --workers 4 --link 100mbit
     .venv/bin/python benchmarks/time_to_accuracy.py --render                     # tables and plots again
+    .venv/bin/python benchmarks/time_to_accuracy.py --compare A.json B.json       # speed-ups of repeats
 
 For each setting (model, workers, link rate) the same model, from the same
 initial weights, on the same per-worker batches, is trained by
@@ -244,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="accuracy (mlp) or validation loss (gpt) targets")
     parser.add_argument("--out", type=Path, default=None, help="where JSON and plots go (default docs/benchmarks)")
     parser.add_argument("--no-doc", action="store_true", help="do not write the tables into docs/benchmarks.md")
+    parser.add_argument("--compare", type=Path, nargs="+", default=None, metavar="RESULT.json",
+                        help="print the speed-ups of several runs of one setting side by side, and exit")
     parser.add_argument("--render", action="store_true",
                         help="redo tables, plots and docs from the saved JSON (of --model only, when given; "
                              "--targets replaces the saved targets)")
@@ -261,6 +264,9 @@ def main(argv: list[str] | None = None) -> int:
     fill_defaults(args)
     out = args.out or (Path(tempfile.gettempdir()) / "istfx-tta-quick" if args.quick else ROOT / "docs" / "benchmarks")
     doc = None if (args.quick or args.no_doc) else DOC
+    if args.compare:
+        print(tta_report.compare({str(path): json.loads(path.read_text()) for path in args.compare}))
+        return 0
     if args.render:
         for path in sorted(out.glob(f"tta_{args.model}_*.json" if args.model_given else "tta_*.json")):
             result = json.loads(path.read_text())

@@ -13,7 +13,7 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["LABELS", "at", "crossing", "markdown", "plot", "reach", "series"]
+__all__ = ["LABELS", "at", "compare", "crossing", "markdown", "plot", "reach", "series", "speedups"]
 
 LABELS = {"ddp": "DDP", "localsgd": "local SGD", "ist-ps": "IST ps", "ist-sharded": "IST sharded"}
 MB = 1e6
@@ -147,6 +147,32 @@ def markdown(result: dict) -> str:
             f"| {'-' if sent is None else f'{sent / MB:,.1f}'} | {series(run, 'app_total')[-1] / MB:,.1f} "
             f"| {'-' if busiest is None else f'{busiest / MB / seconds:.2f}'} | {share:.0%} "
             f"| {run['setup_seconds']:.0f} |")
+    return "\n".join(lines)
+
+
+def speedups(result: dict) -> list[tuple[float | None, float | None]]:
+    """Per target: (best IST's speed-up over DDP, over local SGD), None where a side never got there."""
+    metric, hib, runs = result["metric"], result["higher_is_better"], result["runs"]
+    out = []
+    for target in result["targets"]:
+        hits = {m: reach(runs[m], metric, target, hib, keys=("train_seconds",)) for m in runs}
+        ist = [hits[m]["train_seconds"] for m in ("ist-ps", "ist-sharded") if hits.get(m)]
+        best = min(ist) if ist else None
+        out.append(tuple(None if best is None or not hits.get(base) else hits[base]["train_seconds"] / max(best, 1e-9)
+                         for base in ("ddp", "localsgd")))
+    return out
+
+
+def compare(results: dict[str, dict]) -> str:
+    """A markdown table of :func:`speedups` for several runs of one setting (``{label: result}``)."""
+    first = next(iter(results.values()))
+    targets = [_target_text(first["metric"], t) for t in first["targets"]]
+    lines = ["| run | load avg | " + " | ".join(f"{t}: vs DDP / vs local SGD" for t in targets) + " |",
+             "| --- | ---: | " + " | ".join("---:" for _ in targets) + " |"]
+    for label, result in results.items():
+        cells = [" / ".join("-" if v is None else f"{v:.1f}x" for v in pair) for pair in speedups(result)]
+        load = result["machine"]["loadavg_start"][0], result["machine"]["loadavg_end"][0]
+        lines.append(f"| {label} | {load[0]:.1f}-{load[1]:.1f} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -133,3 +133,14 @@ def test_markdown_reports_speedups_and_unreached_targets():
     assert "4.0x" in row50  # DDP needs 33.3 s, IST ps 8.3 s
     row90 = next(line for line in text.splitlines() if line.startswith("| 90%"))
     assert "not reached" in row90 and "IST only" in row90
+
+
+def test_speedups_take_the_faster_ist_topology():
+    result = {"metric": "accuracy", "higher_is_better": True, "targets": [0.5, 0.9],
+              "runs": {"ddp": _run([0.0, 1.0], [0.0, 40.0], [0, 1]),
+                       "localsgd": _run([0.0, 1.0], [0.0, 10.0], [0, 1]),
+                       "ist-ps": _run([0.0, 1.0], [0.0, 12.0], [0, 1]),
+                       "ist-sharded": _run([0.0, 0.6], [0.0, 5.0], [0, 1])}}
+    (ddp50, local50), (ddp90, local90) = tta_report.speedups(result)
+    assert ddp50 == pytest.approx(20 / (5 * 0.5 / 0.6)) and local50 == pytest.approx(5 / (5 * 0.5 / 0.6))
+    assert ddp90 == pytest.approx(36 / 10.8) and local90 == pytest.approx(9 / 10.8)  # sharded never gets there

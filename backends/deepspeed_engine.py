@@ -56,7 +56,7 @@ from .torch_dist import TorchDistBackend, _state, peak_rss_mb, release_model, rs
 __all__ = ["DeepSpeedBackend", "PRECISIONS"]
 
 PRECISIONS = ("fp32", "bf16", "fp16")
-_HEADER = 8  # float64 fields of a leader's result header
+_HEADER = 7  # float64 fields of a leader's result header: round, samples, loss, correct, steps, rss, peak
 
 
 def _deepspeed():
@@ -112,7 +112,7 @@ class _EngineStep:
         self.subnet = subnet
         self.data_parallel = backend.data_parallel
         self.dp_rank = backend.rank % backend.data_parallel
-        self.draws = backend.data_parallel * backend.gradient_accumulation
+        self.draws = backend.draws_per_step
         self.dtypes = {id(t): t.dtype for t in [*subnet.parameters(), *subnet.buffers()]}
         self.engine, *_ = deepspeed.initialize(model=subnet, optimizer=optimizer, config=backend.engine_config(),
                                                mpu=backend.topology_unit)
@@ -152,8 +152,7 @@ class _EngineStep:
             for param in self.subnet.parameters():
                 full = safe_get_full_fp32_param(param)  # gathers ZeRO's fp32 partitions over the group
                 dtype = self.dtypes.get(id(param), param.dtype)
-                value = (full if full is not None else param.detach()).to(dtype).reshape(param.shape).clone()
-                param.data = value
+                param.data = (full if full is not None else param.detach()).to(dtype).reshape(param.shape)
             for buffer in self.subnet.buffers():
                 dtype = self.dtypes.get(id(buffer))
                 if dtype is not None and buffer.dtype != dtype:
@@ -172,7 +171,7 @@ class _Engines:
 
     @property
     def draws(self) -> int:
-        return self.backend.data_parallel * self.backend.gradient_accumulation
+        return self.backend.draws_per_step
 
     def __call__(self, subnet: nn.Module, optimizer: torch.optim.Optimizer) -> _EngineStep:
         return _EngineStep(self.backend, subnet, optimizer)
@@ -229,6 +228,11 @@ class DeepSpeedBackend(TorchDistBackend):
     def __repr__(self) -> str:
         return (f"DeepSpeedBackend(rank={self.rank}/{self.world_size}, data_parallel={self.data_parallel}, "
                 f"zero_stage={self.zero_stage}, precision={self.precision!r})")
+
+    @property
+    def draws_per_step(self) -> int:
+        """Batches of a subnet's stream one optimizer step consumes: D ranks x G micro-batches."""
+        return self.data_parallel * self.gradient_accumulation
 
     @property
     def slot(self) -> int:
@@ -356,7 +360,7 @@ class DeepSpeedBackend(TorchDistBackend):
             state = _state(subnet)
             update = comm.pack([state[n].detach() for n in names], device=self.comm_device)
             head = torch.tensor([round, samples, loss_sum, correct, result.steps,
-                                 -1 if rss is None else rss, -1 if peak is None else peak, 0.0],
+                                 -1 if rss is None else rss, -1 if peak is None else peak],
                                 dtype=torch.float64, device=self.comm_device)
             dcomm.send(head, 0)
             dcomm.send(update, 0)
@@ -374,11 +378,11 @@ class DeepSpeedBackend(TorchDistBackend):
         # Rank 0: collect the leaders' updates and reassemble.
         results = {0: group_result}
         leader_memory: dict[int, tuple[float | None, float | None]] = {0: (rss, peak)}
-        leader_bytes = {0: (sent, received)}
+        leader_bytes: dict[int, tuple[float, float]] = {}
         for s in range(1, S):
+            size = comm.packed_nbytes(self._slot_specs(round, s))  # the subnet, down and back up
             head = torch.empty(_HEADER, dtype=torch.float64, device=self.comm_device)
-            update = torch.empty(comm.packed_nbytes(self._slot_specs(round, s)), dtype=torch.uint8,
-                                 device=self.comm_device)
+            update = torch.empty(size, dtype=torch.uint8, device=self.comm_device)
             dcomm.recv(head, s * D)
             dcomm.recv(update, s * D)
             received += head.numel() * 8 + update.numel()
@@ -386,8 +390,7 @@ class DeepSpeedBackend(TorchDistBackend):
             results[s] = SubnetResult(samples=int(values[1]), loss_sum=values[2],
                                       correct=None if values[3] < 0 else int(values[3]), steps=int(values[4]))
             leader_memory[s] = (values[5] if values[5] >= 0 else None, values[6] if values[6] >= 0 else None)
-            downlink = comm.packed_nbytes(self._slot_specs(round, s))
-            leader_bytes[s] = (head.numel() * 8 + update.numel() + downlink * (D - 1), downlink)
+            leader_bytes[s] = (head.numel() * 8 + size * D, size)  # uplink + broadcast to D - 1; downlink
             self._ps_write_back(round, s, subnets[s], update)
         home = model_device(ist.model)
         subnets = [s.to(home) for s in subnets]

@@ -1233,9 +1233,7 @@ class TorchDistBackend:
             return
         materialize_model(ist)
         with torch.no_grad():
-            for j in range(self.world_size):
-                if not self.homed:
-                    break
+            for j in range(self.world_size if self.homed else 0):
                 if j == 0:
                     homes = [self.home[n] for n in self.homed]
                 else:

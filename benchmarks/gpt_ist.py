@@ -46,7 +46,9 @@ from istfx.models.gpt import lm_loss
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "examples"))
-from gpt_text import RandomWindows, adamw, fixed_windows, load_text, split_bytes, width_scaled  # noqa: E402
+from gpt_text import (  # noqa: E402
+    RandomWindows, adamw, add_gpt_arguments, fixed_windows, load_text, split_bytes, width_scaled,
+)
 
 BEGIN, END = "<!-- gpt_ist:begin -->", "<!-- gpt_ist:end -->"
 
@@ -268,15 +270,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budget", type=float, default=150.0, help="training seconds per run")
     parser.add_argument("--points", type=int, default=20, help="evaluations per run")
-    parser.add_argument("--subnets", type=int, nargs="+", default=[2, 4])
-    parser.add_argument("--local-steps", type=int, default=10)
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--block-size", type=int, default=64)
-    parser.add_argument("--n-layer", type=int, default=4)
-    parser.add_argument("--n-head", type=int, default=8)
-    parser.add_argument("--n-embd", type=int, default=128)
-    parser.add_argument("--seed", type=int, default=0)
+    add_gpt_arguments(parser)
     parser.add_argument("--out", type=Path, default=ROOT / "docs")
     parser.add_argument("--render", action="store_true", help="redraw the plot and section from the saved JSON")
     args = parser.parse_args(argv)

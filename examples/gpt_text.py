@@ -166,9 +166,8 @@ def train_ist(model: GPT, subnets: int, train: RandomWindows, val: list, steps: 
             "parameters_per_subnet": ist.plan.parameters_per_subnet, "parameters_full": ist.plan.parameters_full}
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=300, help="optimizer steps of the full model and of each subnet")
+def add_gpt_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model, optimizer and IST options this example shares with ``benchmarks/gpt_ist.py``."""
     parser.add_argument("--local-steps", type=int, default=10, help="IST: steps per subnet per round")
     parser.add_argument("--subnets", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--lr", type=float, default=3e-3)
@@ -177,8 +176,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--n-layer", type=int, default=4)
     parser.add_argument("--n-head", type=int, default=8)
     parser.add_argument("--n-embd", type=int, default=128)
-    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=300, help="optimizer steps of the full model and of each subnet")
+    parser.add_argument("--threads", type=int, default=1)
+    add_gpt_arguments(parser)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 

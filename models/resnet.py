@@ -54,6 +54,19 @@ def _conv1x1(c_in: int, c_out: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(c_in, c_out, kernel_size=1, stride=stride, bias=False)
 
 
+def _shortcut(c_in: int, c_out: int, stride: int, norm: bool, track_running_stats: bool) -> nn.Module | None:
+    """The strided 1x1 projection when the block changes shape (None: identity skip).
+
+    Post-activation blocks normalise it (``norm=True``); pre-activation ones
+    read an already normalised input.
+    """
+    if stride == 1 and c_in == c_out:
+        return None
+    if not norm:
+        return _conv1x1(c_in, c_out, stride)
+    return nn.Sequential(_conv1x1(c_in, c_out, stride), _bn(c_out, track_running_stats))
+
+
 # -- pre-activation blocks ---------------------------------------------------------------
 
 
@@ -69,7 +82,7 @@ class PreActBasicBlock(nn.Module):
         self.conv1 = _conv3x3(c_in, planes, stride)
         self.bn2 = _bn(planes, track_running_stats)
         self.conv2 = _conv3x3(planes, c_out)
-        self.shortcut = _conv1x1(c_in, c_out, stride) if stride != 1 or c_in != c_out else None
+        self.shortcut = _shortcut(c_in, c_out, stride, False, track_running_stats)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = torch.relu(self.bn1(x))
@@ -94,7 +107,7 @@ class PreActBottleneck(nn.Module):
         self.conv2 = _conv3x3(planes, planes, stride)
         self.bn3 = _bn(planes, track_running_stats)
         self.conv3 = _conv1x1(planes, c_out)
-        self.shortcut = _conv1x1(c_in, c_out, stride) if stride != 1 or c_in != c_out else None
+        self.shortcut = _shortcut(c_in, c_out, stride, False, track_running_stats)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = torch.relu(self.bn1(x))
@@ -120,10 +133,7 @@ class BasicBlock(nn.Module):
         self.bn1 = _bn(planes, track_running_stats)
         self.conv2 = _conv3x3(planes, c_out)
         self.bn2 = _bn(c_out, track_running_stats)
-        self.shortcut = (
-            nn.Sequential(_conv1x1(c_in, c_out, stride), _bn(c_out, track_running_stats))
-            if stride != 1 or c_in != c_out else None
-        )
+        self.shortcut = _shortcut(c_in, c_out, stride, True, track_running_stats)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = torch.relu(self.bn1(self.conv1(x)))
@@ -146,10 +156,7 @@ class Bottleneck(nn.Module):
         self.bn2 = _bn(planes, track_running_stats)
         self.conv3 = _conv1x1(planes, c_out)
         self.bn3 = _bn(c_out, track_running_stats)
-        self.shortcut = (
-            nn.Sequential(_conv1x1(c_in, c_out, stride), _bn(c_out, track_running_stats))
-            if stride != 1 or c_in != c_out else None
-        )
+        self.shortcut = _shortcut(c_in, c_out, stride, True, track_running_stats)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = torch.relu(self.bn1(self.conv1(x)))

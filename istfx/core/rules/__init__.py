@@ -157,16 +157,15 @@ _table(rule_pointwise, "aten.dropout", "aten.where", "aten.clamp", "aten.clamp_m
        "aten.alpha_dropout", "aten.lerp", "aten.addcmul", "aten.addcdiv", "aten.hardtanh",
        "aten.hardtanh_", "aten.gelu", "aten.silu", "aten.mish", "aten.softplus", "aten.elu",
        "aten.leaky_relu", "aten.hardswish", "aten.hardsigmoid", "aten.relu6", "aten.celu", "aten.selu",
-       "aten.glu_not_supported", "aten.__and__", "aten.__or__", "aten.__xor__", "aten.logical_not",
+       "aten.__and__", "aten.__or__", "aten.__xor__", "aten.logical_not",
        "aten.type_as", "aten.nan_to_num", "aten.pow", "aten.pow_", "aten.fill_", "aten.fill",
        "aten.zero_", "aten.bernoulli", "aten.bernoulli_", "aten.threshold", "aten.rsub",
        # in-place binary ops: the second operand broadcasts into `self`
        "aten.add_", "aten.sub_", "aten.mul_", "aten.div_", "aten.clamp_", "aten.clamp_min_", "aten.clamp_max_")
 _table(rule_identity, "aten.to", "aten._to_copy", "aten.contiguous", "aten.clone", "aten.detach",
        "aten.detach_", "aten.alias", "aten.lift_fresh_copy", "aten.lift_fresh", "aten.requires_grad_",
-       "aten.clone_", "aten.relu_", "aten.sigmoid_", "aten.tanh_", "aten.neg_", "aten.exp_", "aten.sqrt_",
-       "aten.dropout_", "aten.float", "aten.double", "aten.half", "aten.bfloat16",
-       "aten.type", "aten.resolve_conj", "aten.resolve_neg", "aten.positive")
+       "aten.relu_", "aten.sigmoid_", "aten.tanh_", "aten.neg_", "aten.exp_", "aten.sqrt_",
+       "aten.dropout_", "aten.resolve_conj", "aten.resolve_neg", "aten.positive")
 _table(rule_no_output, "aten._assert_tensor_metadata", "aten._assert_scalar", "aten.sym_constrain_range",
        "aten.sym_constrain_range_for_size", "aten._assert_async", "aten.sym_size", "aten.sym_numel",
        "aten.sym_stride", "aten.sym_storage_offset", "aten._local_scalar_dense", "aten.item",

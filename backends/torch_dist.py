@@ -77,7 +77,7 @@ from torch import nn
 
 from istfx.runtime import checkpoint as ckpt
 from istfx.runtime import comm
-from istfx.core.compiler import ISTModel, ReassembleReport, SubnetInfo
+from istfx.core.compiler import ISTModel, ReassembleReport, SubnetInfo, all_finite
 from istfx.errors import ISTError
 from istfx.core.slicing import RoundSlices
 
@@ -293,13 +293,6 @@ def _state(module: nn.Module) -> dict[str, torch.Tensor]:
     state = dict(module.named_parameters(remove_duplicate=False))
     state.update(module.named_buffers(remove_duplicate=False))
     return state
-
-
-def _finite(tensor: torch.Tensor) -> bool:
-    if not tensor.is_floating_point() or tensor.numel() == 0:
-        return True
-    low, high = torch.aminmax(tensor.detach())
-    return bool(torch.isfinite(low) & torch.isfinite(high))
 
 
 def _open_index(index: list[torch.Tensor | None], shape) -> tuple:
@@ -541,7 +534,7 @@ class TorchDistBackend:
         return [n for n in self.trainable if n in used]
 
     def _slice_shape(self, slices: RoundSlices, name: str, slot: int) -> tuple[int, ...]:
-        return tuple(size if i is None else len(i) for size, i in zip(self.shapes[name], slices.indices[slot][name]))
+        return slices.held_shape(name, self.shapes[name], slot)
 
     def _slot_specs(self, round: int, slot: int) -> list[comm.Spec]:
         slices, _ = self._round(round)
@@ -1119,7 +1112,7 @@ class TorchDistBackend:
         result = train_subnet(me, subnet)
         self._faults.strike(round, subnet)
         state = _state(subnet)
-        ok = all(_finite(state[n]) for n in names)
+        ok = all(all_finite(state[n]) for n in names)
         rss, peak = rss_mb(), peak_rss_mb()
         mine = torch.tensor(
             [float(ok), result.samples, result.loss_sum, -1 if result.correct is None else result.correct,

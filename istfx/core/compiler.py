@@ -20,7 +20,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
-from istfx.core.analysis import AnalysisResult, AxisAnalysis
+from istfx.core.analysis import AnalysisResult, AxisAnalysis, get_attr_path
 from istfx.core.capture import Captured, capture, infer_example_inputs, normalize_example_inputs
 from istfx.errors import ISTError, NonFiniteUpdateError, UnsupportedOpError
 from istfx.core.groups import EXACT, build_groups
@@ -75,7 +75,7 @@ class ISTModel:
             return self.model.get_parameter(name)
         if kind == "buffer":
             return self.model.get_buffer(name)
-        return _get_attr(self.captured.module, name)
+        return get_attr_path(self.captured.module, name)
 
     @property
     def trainable_state(self) -> list[str]:
@@ -199,7 +199,7 @@ class ISTModel:
         for subnet, weight in zip(subnets, weights):
             index = subnet.istfx_subnet.index
             state = _named_state(subnet)
-            bad = [n for n in self.trainable_state if n in state and not _all_finite(state[n])]
+            bad = [n for n in self.trainable_state if n in state and not all_finite(state[n])]
             if bad:
                 reason = f"non-finite values in {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}"
                 if on_nonfinite == "raise":
@@ -247,7 +247,7 @@ class ISTModel:
             state = _named_state(subnet)
             for name in self.trainable_state:
                 if name in state:
-                    expected = _slice_shape(slices, name, self.state_tensor(name).shape, subnet.istfx_subnet.index)
+                    expected = slices.held_shape(name, self.state_tensor(name).shape, subnet.istfx_subnet.index)
                     if tuple(state[name].shape) != expected:
                         raise ISTError(
                             f"subnet {subnet.istfx_subnet.index}: {name} has shape {tuple(state[name].shape)}, "
@@ -262,7 +262,7 @@ class ISTModel:
         held = self.plan.block_assignment(round)
         params = [n for n, k in self.plan.state_kinds.items() if k == "parameter"]
         return [
-            sum(math.prod(_slice_shape(slices, n, self.plan.state_shapes[n], s))
+            sum(math.prod(slices.held_shape(n, self.plan.state_shapes[n], s))
                 for n in params if n in self.template(s, held[s]).used)
             for s in range(self.plan.subnets)
         ]
@@ -271,28 +271,21 @@ class ISTModel:
         return f"ISTModel({type(self.model).__name__}, subnets={self.plan.subnets})"
 
 
-def _all_finite(tensor: torch.Tensor) -> bool:
-    """One pass: NaN propagates through min/max and +-inf shows in them."""
+def all_finite(tensor: torch.Tensor) -> bool:
+    """True when no element of a floating-point tensor is NaN or +-inf.
+
+    One pass: NaN propagates through min/max and +-inf shows in them.
+    """
     if not tensor.is_floating_point() or tensor.numel() == 0:
         return True
     low, high = torch.aminmax(tensor.detach())
     return bool(torch.isfinite(low) & torch.isfinite(high))
 
 
-def _slice_shape(slices: RoundSlices, name: str, shape, subnet: int) -> tuple[int, ...]:
-    return tuple(size if i is None else len(i) for size, i in zip(shape, slices.indices[subnet][name]))
-
-
 def _named_state(module: nn.Module) -> dict[str, torch.Tensor]:
     state = dict(module.named_parameters())
     state.update(module.named_buffers())
     return state
-
-
-def _get_attr(obj: Any, name: str) -> Any:
-    for part in name.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def compile(

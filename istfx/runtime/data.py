@@ -12,7 +12,11 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-__all__ = ["digits", "loaders"]
+__all__ = ["IGNORE_INDEX", "digits", "loaders"]
+
+IGNORE_INDEX = -100
+"""A class-index target that is not a sample (``torch.nn.functional.cross_entropy``'s default
+``ignore_index``): left out of losses, sample counts and accuracy, e.g. unlabelled nodes of a graph batch."""
 
 
 def _sklearn_datasets() -> Any:

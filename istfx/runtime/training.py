@@ -47,6 +47,7 @@ from torch import nn
 
 from istfx.core.compiler import ISTModel
 from istfx.errors import ISTError
+from istfx.runtime.data import IGNORE_INDEX
 from istfx.core.slicing import RoundSlices
 
 if TYPE_CHECKING:
@@ -120,13 +121,9 @@ def _call(model: nn.Module, inputs: Any) -> Any:
     return model(inputs)
 
 
-# cross_entropy's default ignore_index: such targets are not samples (e.g. unlabelled nodes of a graph batch).
-_IGNORE_INDEX = -100
-
-
 def _batch_size(inputs: Any, targets: Any) -> int:
     if isinstance(targets, torch.Tensor) and targets.dim() == 1 and not targets.is_floating_point():
-        return int((targets != _IGNORE_INDEX).sum())
+        return int((targets != IGNORE_INDEX).sum())
     for value in (targets, inputs):
         if isinstance(value, torch.Tensor) and value.dim() > 0:
             return value.shape[0]
@@ -144,7 +141,7 @@ def _correct(outputs: Any, targets: Any) -> int | None:
         and outputs.dim() == 2 and targets.dim() == 1 and outputs.shape[0] == targets.shape[0]
         and not targets.is_floating_point() and not targets.is_complex()
     ):
-        return int(((outputs.argmax(dim=1) == targets) & (targets != _IGNORE_INDEX)).sum())
+        return int(((outputs.argmax(dim=1) == targets) & (targets != IGNORE_INDEX)).sum())
     return None
 
 

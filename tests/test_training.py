@@ -65,7 +65,6 @@ def max_diff(a: torch.nn.Module, b: torch.nn.Module) -> float:
 # -- learning on real data -------------------------------------------------------
 @pytest.fixture(scope="module")
 def digits_loaders():
-    pytest.importorskip("sklearn")
     from istfx.runtime.data import digits, loaders
 
     train, test = digits(seed=0)

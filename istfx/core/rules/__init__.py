@@ -177,5 +177,5 @@ for _fn in (operator.add, operator.sub, operator.mul, operator.floordiv, operato
             operator.neg, operator.ge, operator.gt, operator.le, operator.lt, operator.eq, operator.ne,
             operator.pow, operator.and_, operator.or_):
     RULES[_fn.__name__] = rule_no_output
-for _name in ("sym_float", "sym_int", "sym_max", "sym_min", "sym_not", "sym_sqrt", "sym_ite", "_sym_sqrt"):
+for _name in ("sym_float", "sym_int", "sym_max", "sym_min", "sym_not", "sym_ite", "_sym_sqrt"):
     RULES[_name] = rule_no_output

@@ -52,7 +52,11 @@ def rule_transpose(ctx: OpContext) -> None:
     if len(x) < 2:
         ctx.output(x)
         return
-    d0, d1 = (_norm_dim(ctx.arg("dim0", 0), len(x)), _norm_dim(ctx.arg("dim1", 1), len(x)))
+    if "dim0" not in ctx.bound and "axis0" not in ctx.bound:  # t, numpy_T: all axes reversed
+        ctx.output(x[::-1])
+        return
+    d0 = _norm_dim(ctx.arg("dim0", ctx.arg("axis0")), len(x))  # swapaxes names them axis0, axis1
+    d1 = _norm_dim(ctx.arg("dim1", ctx.arg("axis1")), len(x))
     x[d0], x[d1] = x[d1], x[d0]
     ctx.output(x)
 

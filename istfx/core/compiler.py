@@ -418,7 +418,7 @@ def _plan_depth(captured: Captured, pattern: str | None, min_depth: int | None, 
         if min_depth is not None:
             raise ISTError("min_depth needs the depth pass: pass blocks='*' (or a module glob) as well.")
         return [], [], []
-    from istfx.passes.depth import find_residual_blocks, fold_targets, group_blocks, select_blocks
+    from istfx.passes.depth import find_carrier, find_residual_blocks, group_blocks, select_blocks
 
     found, shortcuts = find_residual_blocks(captured.module)
     if group is not None:
@@ -440,11 +440,11 @@ def _plan_depth(captured: Captured, pattern: str | None, min_depth: int | None, 
     if scaling == "eval":
         for block in selected:
             for branch in block.branches:
-                targets = fold_targets(captured.module, branch)
+                targets, why = find_carrier(captured.module, branch)
                 if targets is None:
                     raise ISTError(
-                        f"block {block.module}: its branch does not end in a linear op whose parameters can "
-                        "carry the evaluation scale; compile with depth_scaling='train'."
+                        f"block {block.name}: nothing can carry the evaluation scale p: {why}. "
+                        "Compile with depth_scaling='train' (branches scaled by 1/p while training) instead."
                     )
                 folds.extend(t for t in targets if t not in folds)
     return selected, shared, folds

@@ -16,3 +16,11 @@ class UnsupportedOpError(ISTError):
 
 class NonFiniteUpdateError(ISTError):
     """A subnet came back with NaN or Inf values (raised when asked to, never silently)."""
+
+
+class NothingToSplitError(ISTError):
+    """``istfx.compile`` found nothing to split into subnets; ``plan`` shows every group and why."""
+
+    def __init__(self, message: str, plan=None) -> None:
+        super().__init__(message)
+        self.plan = plan

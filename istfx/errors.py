@@ -19,8 +19,12 @@ class NonFiniteUpdateError(ISTError):
 
 
 class NothingToSplitError(ISTError):
-    """``istfx.compile`` found nothing to split into subnets; ``plan`` shows every group and why."""
+    """``istfx.compile`` found nothing to split into subnets; ``plan`` shows every group and why.
 
-    def __init__(self, message: str, plan=None) -> None:
-        super().__init__(message)
+    ``reason`` is the message without the pointer to ``plan`` (for tools that show the plan themselves).
+    """
+
+    def __init__(self, reason: str, plan=None, hint: str = "") -> None:
+        super().__init__(f"{reason} {hint}".strip())
+        self.reason = reason
         self.plan = plan

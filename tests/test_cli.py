@@ -475,3 +475,14 @@ def test_local_train_runs_the_depth_options(tmp_path, capsys):
     full = 4 * (64 * 64 + 64) + 64 * 10 + 10
     # depth only, two of four blocks per subnet: each subnet holds the head and two blocks
     assert rows[0]["parameters_per_subnet"] == [full - 2 * (64 * 64 + 64)] * 2
+
+
+def test_nothing_to_split_error_carries_the_plan():
+    import torch
+    from torch import nn
+
+    with pytest.raises(istfx.NothingToSplitError, match="nothing in Linear can be split") as info:
+        istfx.compile(nn.Linear(6, 3), subnets=2, example_inputs=(torch.randn(4, 6),))
+    plan = info.value.plan
+    assert isinstance(info.value, istfx.ISTError) and plan.split == [] and plan.groups
+    assert plan.parameters_per_subnet == [plan.parameters_full] * 2 == [21, 21]

@@ -42,7 +42,7 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
         except NothingToSplitError as exc:  # still a plan worth showing: it says why
             if exc.plan is None:
                 raise
-            ist, plan, note = None, exc.plan, str(exc)
+            ist, plan, note = None, exc.plan, exc.reason
         if graph_path is not None:
             if ist is None:
                 raise ISTError("--graph: nothing is split, so the graph would have no colours; "

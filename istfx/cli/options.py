@@ -142,7 +142,7 @@ on a cluster (the same ranks under torchrun, on every node):
 examples:
   istfx train examples/models/mlp_digits.py --subnets 4 --rounds 30 --local-steps 10
   istfx train examples/models/mlp_digits.py --subnets 4 --topology sharded --compress int8
-  istfx train examples/models/mlp_digits.py --backend local --blocks '*' --no-width  (depth)
+  istfx train examples/models/resnet_digits.py --backend local --subnets 2 --blocks '*' --no-width
   istfx train examples/models/mlp_digits.py --subnets 4 --checkpoint-dir ckpt --checkpoint-every 5
   istfx train examples/models/mlp_digits.py --subnets 4 --checkpoint-dir ckpt --resume
 

@@ -23,7 +23,7 @@ import time
 from collections.abc import Iterator
 from typing import TextIO
 
-__all__ = ["PHASES", "Phases", "RankStatus", "StartupMonitor", "STATUS_DIR_ENV"]
+__all__ = ["PHASES", "Phases", "RankStatus", "StartupMonitor", "STATUS_DIR_ENV", "read_status"]
 
 STATUS_DIR_ENV = "ISTFX_STATUS_DIR"
 

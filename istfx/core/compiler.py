@@ -405,8 +405,9 @@ def compile(
             reasons = sorted({r for g in groups for r in g.reasons})[:6]
             raise NothingToSplitError(
                 f"nothing in {type(model).__name__} can be split: every axis is frozen or approximate "
-                f"({'; '.join(reasons)}). `istfx inspect` (or print(error.plan)) shows every group and why.",
+                f"({'; '.join(reasons)}).",
                 plan,
+                "print(error.plan) or `istfx inspect` shows every group and why.",
             )
         largest = max(g.units for g in exact)
         raise NothingToSplitError(

@@ -415,7 +415,8 @@ CASES += [
 ]
 
 
-# Python arithmetic on sizes (dynamic shapes make export record it): no tensor axes.
+# Python arithmetic on sizes, which export records on dynamic shapes (here a torch.fx trace of a size query
+# records it): no tensor axes.
 def _size(a: torch.Tensor) -> Any:
     return aten.sym_size.int(a, 0)
 

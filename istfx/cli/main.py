@@ -22,15 +22,11 @@ from dataclasses import dataclass
 from istfx.cli import options
 from istfx.errors import ISTError
 
-__all__ = ["COMMANDS", "CLIError", "Command", "build_parser", "main", "run_command"]
+__all__ = ["COMMANDS", "Command", "build_parser", "main", "report_error", "run_command"]
 
 EXIT_OK = 0
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
-
-
-class CLIError(ISTError):
-    """A command-line problem to report in one line on stderr, with exit status 2."""
 
 
 @dataclass(frozen=True)

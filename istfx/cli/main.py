@@ -39,6 +39,7 @@ class Command:
     configure: Callable[[argparse.ArgumentParser], None]  # adds the command's options
     run: str  # "module:function", called with (parsed args, the command's own argv); returns the exit status
     epilog: str = ""
+    usage: str | None = None  # argparse's own when None
     check: Callable[[argparse.ArgumentParser, argparse.Namespace], None] | None = None  # after parsing
 
 
@@ -52,6 +53,7 @@ COMMANDS: list[Command] = [
         configure=options.configure_inspect,
         run="istfx.cli.inspect:run",
         epilog=options.INSPECT_EPILOG,
+        usage="istfx inspect MODEL.py [options]",
     ),
     Command(
         "train",
@@ -62,6 +64,7 @@ COMMANDS: list[Command] = [
         configure=options.configure_train,
         run="istfx.cli.train:run",
         epilog=options.TRAIN_EPILOG,
+        usage="istfx train MODEL.py [options]",
         check=options.check_backend_options,
     ),
 ]
@@ -99,7 +102,7 @@ def _parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentPars
     own = {}
     for command in COMMANDS:
         sub = subparsers.add_parser(command.name, help=command.help, description=command.description,
-                                    usage=f"istfx {command.name} MODEL.py [options]", epilog=command.epilog,
+                                    usage=command.usage, epilog=command.epilog,
                                     formatter_class=argparse.RawDescriptionHelpFormatter)
         command.configure(sub)
         own[command.name] = sub

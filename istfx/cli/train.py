@@ -38,7 +38,6 @@ import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from istfx.cli import options
 from istfx.cli.loader import ModelFile, load_model_file

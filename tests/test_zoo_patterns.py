@@ -209,3 +209,47 @@ def test_unflatten_with_a_negative_dim_rewrites_the_right_sizes() -> None:
     x = torch.randn(3, 5, 4, dtype=torch.float64)
     ist = _all_invariants(build, x)
     assert "fc.weight" in _split_tensors(ist)
+
+
+class DroppedWeights(nn.Module):
+    """nn.MultiheadAttention with its default ``need_weights=True``, the averaged weights thrown away."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(16, 4, batch_first=True)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y, _ = self.attn(x, x, x)
+        return self.head(y)
+
+
+class EncoderDecoder(nn.Module):
+    """nn.TransformerEncoderLayer then nn.TransformerDecoderLayer (sequence first, pre-norm decoder)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True)
+        self.decoder = nn.TransformerDecoderLayer(16, 4, 32, dropout=0.0, norm_first=True)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        memory = self.encoder(x).transpose(0, 1)
+        return self.head(self.decoder(x.transpose(0, 1), memory).transpose(0, 1))
+
+
+@pytest.mark.parametrize("cls", [DroppedWeights, EncoderDecoder])
+def test_torch_transformer_layers_split_heads_and_ffn(cls) -> None:
+    """Unused averaged attention weights (a dead ``mean`` over heads) do not keep heads whole; encoder and
+    decoder layers split their heads (self- and cross-attention) and FFN units."""
+
+    def build() -> nn.Module:
+        torch.manual_seed(0)
+        return cls().double()
+
+    ist = _all_invariants(build, _tokens())
+    labels = roles(ist)
+    heads = [g for g in ist.plan.split if labels[g] == "heads"]
+    assert len(heads) == (1 if cls is DroppedWeights else 3), str(ist.plan)
+    if cls is EncoderDecoder:
+        assert any(labels[g] == "ffn" and ist.plan.groups[g].units == 32 for g in ist.plan.split)

@@ -35,6 +35,12 @@ import torch
 PRODUCT = "product"
 CONCAT = "concat"
 
+# Frozen reasons that say an axis is not a set of units at all (a batch-like dynamic axis, the q/k/v
+# selector of a packed projection), as opposed to units the rules could not follow.
+DYNAMIC = "dynamic dimension (batch, sequence or nodes)"
+SELECTED = "a single position is selected"
+NOT_UNITS = (DYNAMIC, SELECTED)
+
 
 @dataclass
 class Refinement:

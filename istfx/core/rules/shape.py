@@ -7,7 +7,7 @@ from typing import Callable
 import torch
 import torch.fx as fx
 
-from ..axes import CONCAT
+from ..axes import CONCAT, SELECTED
 from .context import OpContext, Sym, _dim_list, _norm_dim, dims, op_name, set_arg
 from .reshape import _rewrite_size_list, reshape_axes
 
@@ -217,7 +217,7 @@ def rule_narrow(ctx: OpContext) -> None:
 def rule_select(ctx: OpContext) -> None:
     x = ctx.axes("self")
     d = _norm_dim(ctx.arg("dim"), len(x))
-    ctx.freeze(x[d], "a single position is selected")
+    ctx.freeze(x[d], SELECTED)
     ctx.output(x[:d] + x[d + 1:])
 
 

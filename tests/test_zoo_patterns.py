@@ -53,16 +53,16 @@ def _compile(model: nn.Module, x: torch.Tensor, subnets: int = 2, **kw) -> istfx
     return istfx.compile(model, subnets=subnets, example_inputs=(x,), **kw)
 
 
-def _all_invariants(build, x: torch.Tensor, subnets: int = 2, eval_mode: bool = False) -> istfx.ISTModel:
+def _all_invariants(build, x: torch.Tensor, subnets: int = 2, eval_mode: bool = False, **kw) -> istfx.ISTModel:
     """Round trip, coverage, mask equivalence and one SGD step per subnet, and the interface."""
     model = build()
     if eval_mode:
         model.eval()
-    ist = _compile(model, x, subnets)
+    ist = _compile(model, x, subnets, **kw)
     twin_model = build()
     if eval_mode:
         twin_model.eval()
-    twin = _compile(twin_model, x, subnets)
+    twin = _compile(twin_model, x, subnets, **kw)
     check_round_trip(ist, 0)
     check_coverage(ist, twin, rounds=range(2))
     check_forward_equivalence(ist, ((x,), {}), 1)
@@ -253,3 +253,80 @@ def test_torch_transformer_layers_split_heads_and_ffn(cls) -> None:
     assert len(heads) == (1 if cls is DroppedWeights else 3), str(ist.plan)
     if cls is EncoderDecoder:
         assert any(labels[g] == "ffn" and ist.plan.groups[g].units == 32 for g in ist.plan.split)
+
+
+# -- channel shuffle (ShuffleNet) ------------------------------------------------------------------------------
+
+
+def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """torchvision's ShuffleNet channel shuffle."""
+    b, c, h, w = x.shape
+    return x.view(b, groups, c // groups, h, w).transpose(1, 2).reshape(b, c, h, w)
+
+
+class ShuffleUnitV2(nn.Module):
+    """ShuffleNetV2's stride-1 unit: half the channels pass, half go through a branch; then a shuffle."""
+
+    def __init__(self, channels: int, hidden: int) -> None:
+        super().__init__()
+        half = channels // 2
+        self.branch = nn.Sequential(
+            nn.Conv2d(half, hidden, 1), nn.ReLU(inplace=True), nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden),
+            nn.Conv2d(hidden, half, 1), nn.ReLU(inplace=True),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x1, x2 = x.chunk(2, dim=1)
+        return channel_shuffle(torch.cat((x1, self.branch(x2)), 1), 2)
+
+
+class ShuffleUnitV1(nn.Module):
+    """ShuffleNet(v1)'s unit: grouped 1x1 conv, shuffle, depthwise 3x3, grouped 1x1 conv, residual add."""
+
+    def __init__(self, channels: int, groups: int) -> None:
+        super().__init__()
+        self.groups = groups
+        self.reduce = nn.Conv2d(channels, channels, 1, groups=groups)
+        self.depthwise = nn.Conv2d(channels, channels, 3, padding=1, groups=channels)
+        self.expand = nn.Conv2d(channels, channels, 1, groups=groups)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = channel_shuffle(torch.relu(self.reduce(x)), self.groups)
+        return x + self.expand(self.depthwise(y))
+
+
+def _stem_body_head(*body: nn.Module, channels: int = 8) -> nn.Module:
+    return nn.Sequential(nn.Conv2d(2, channels, 1), *body, nn.Conv2d(channels, 4, 1), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(4, 2)).double()
+
+
+def test_channel_shuffle_of_concatenated_branches_is_frozen_with_its_reason() -> None:
+    """ShuffleNetV2: the shuffled stream (pieces interleaved) is frozen and says why; the branches' hidden
+    channels split; a chunk whose pieces are cut differently becomes split_with_sizes (before: a crash)."""
+
+    def build() -> nn.Module:
+        torch.manual_seed(0)
+        return _stem_body_head(ShuffleUnitV2(8, 6), ShuffleUnitV2(8, 6))
+
+    ist = _all_invariants(build, _image())
+    split = _split_tensors(ist)
+    assert {"1.branch.0.weight", "2.branch.0.weight", "1.branch.2.weight"} <= split
+    stream = [g for g in ist.plan.groups if any(m.tensor == "1.branch.3.weight" and m.dim == 0 for m in g.members)]
+    assert stream and all(g.status == "frozen" for g in stream)
+    assert any("interleaved (e.g. a channel shuffle" in r for g in stream for r in g.reasons), stream[0].reasons
+
+
+def test_channel_shuffle_between_grouped_convs_splits_exactly() -> None:
+    """ShuffleNet(v1): grouped conv, shuffle, grouped conv: the two factorisations of the channels have a
+    common refinement (8 = 2 x 2 x 2), whose factors split exactly. Each factor is a minor factor of one of
+    the views, so the default plan keeps them whole and ``split_inner=True`` cuts them."""
+
+    def build() -> nn.Module:
+        torch.manual_seed(0)
+        return _stem_body_head(ShuffleUnitV1(8, 2))
+
+    default = _compile(build(), _image())
+    assert not {"1.reduce.weight", "1.depthwise.weight", "1.expand.weight"} & _split_tensors(default)
+    assert "minor factor" in str(default.plan)
+    ist = _all_invariants(build, _image(), split_inner=True)
+    assert {"1.reduce.weight", "1.depthwise.weight", "1.expand.weight"} <= _split_tensors(ist)

@@ -151,16 +151,19 @@ def rule_split(ctx: OpContext) -> None:
 
     def rewrite(node: fx.Node, new_size: Callable[[int], int]) -> None:
         new_sizes = [new_size(p) for p in pieces]
-        if node.target is torch.ops.aten.split.Tensor:
-            node.target = torch.ops.aten.split_with_sizes.default
-            node.args = (node.args[0], new_sizes, *node.args[2:])
-        elif node.target is torch.ops.aten.split_with_sizes.default:
+        if node.target is torch.ops.aten.split_with_sizes.default:
             set_arg(node, "split_sizes", new_sizes)
-        elif len(set(new_sizes)) != 1 or new_sizes != [new_sizes[0]] * len(pieces):
-            raise ValueError(f"cannot shrink {op_name(node)} unevenly")
+        elif new_sizes == [new_size(x[d])] or (len(set(new_sizes)) == 1 and node.target in _EQUAL_PIECES):
+            return  # split(size), chunk(n), tensor_split(n) of the smaller axis give these pieces
+        else:  # pieces cut unevenly (one frozen, one split): name the sizes
+            node.target = torch.ops.aten.split_with_sizes.default
+            node.args, node.kwargs = (node.args[0], new_sizes, d), {}
 
     ctx.rewrite(rewrite)
     ctx.output(outs)
+
+
+_EQUAL_PIECES = (torch.ops.aten.chunk.default, torch.ops.aten.tensor_split.sections)
 
 
 def rule_slice(ctx: OpContext) -> None:

@@ -330,3 +330,34 @@ def test_channel_shuffle_between_grouped_convs_splits_exactly() -> None:
     assert "minor factor" in str(default.plan)
     ist = _all_invariants(build, _image(), split_inner=True)
     assert {"1.reduce.weight", "1.depthwise.weight", "1.expand.weight"} <= _split_tensors(ist)
+
+
+# -- Hugging Face mixture of experts ----------------------------------------------------------------------------
+
+
+def test_hugging_face_experts_split_their_hidden_units_with_the_default_implementation() -> None:
+    """Mixtral with transformers' default ``grouped_mm`` experts: ``grouped_mm_fallback``, ``histc`` and
+    ``floor_divide`` have rules, so the experts' hidden units split (before: every expert stayed whole).
+    float32: torch's grouped_mm kernel has no float64 path, so the full model cannot run in float64."""
+    import transformers as tf
+
+    def build() -> nn.Module:
+        torch.manual_seed(0)
+        config = tf.MixtralConfig(
+            vocab_size=97, hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=4,
+            num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64,
+        )
+        return tf.MixtralForCausalLM(config)
+
+    ids = torch.randint(0, 97, (2, 8), generator=torch.Generator().manual_seed(0))
+    ist = istfx.compile(build(), subnets=2, example_inputs={"input_ids": ids})
+    assert not ist.plan.diagnostics, ist.plan.diagnostics
+    labels = roles(ist)
+    experts = [g for g in ist.plan.split
+               if any(m.tensor.endswith("experts.down_proj") for m in ist.plan.groups[g].members)]
+    assert len(experts) == 1 and ist.plan.groups[experts[0]].units == 24
+    assert labels[experts[0]] == "ffn"
+    inputs = ((), {"input_ids": ids})
+    check_round_trip(ist, 0)
+    check_forward_equivalence(ist, inputs, 1, key="logits", atol=1e-5)
+    check_sgd_step(ist, inputs, 1, 1, key="logits", atol=1e-5)

@@ -361,3 +361,35 @@ def test_hugging_face_experts_split_their_hidden_units_with_the_default_implemen
     check_round_trip(ist, 0)
     check_forward_equivalence(ist, inputs, 1, key="logits", atol=1e-5)
     check_sgd_step(ist, inputs, 1, 1, key="logits", atol=1e-5)
+
+
+# -- roles ---------------------------------------------------------------------------------------------------
+
+
+def test_roles_of_convolutions_and_packed_projections_are_read_off_the_graph() -> None:
+    """Conv channels are ``channels`` (a grouped conv's units: whole groups), kernel windows and the spatial
+    positions a linear layer reads are ``spatial`` (before: ``other``, ``heads_in_group``, ``head_dim``), the
+    q/k/v selector of a packed projection is no ``heads``."""
+    from istfx.passes import describe
+
+    torch.manual_seed(0)
+    cnn = nn.Sequential(nn.Conv2d(2, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 1, groups=4), nn.Flatten(),
+                        nn.Linear(8 * 3 * 3, 2)).double()
+    ist = _compile(cnn, _image())
+    labels = describe(ist)
+    by_member = {(m.tensor, m.dim): labels[g.id] for g in ist.plan.groups for m in g.members}
+    assert by_member[("0.weight", 0)].name == "channels"
+    assert by_member[("0.weight", 2)].name == "spatial"
+    grouped = next(labels[g.id] for g in ist.plan.groups if any(m.tensor == "2.weight" and m.unit == 2
+                                                                 for m in g.members))
+    assert grouped.name == "channels" and grouped.detail == "4 groups of 2 channels"
+    assert {labels[g.id].name for g in ist.plan.groups if any(m.tensor == "4.weight" and m.dim == 1
+                                                             for m in g.members)} == {"channels", "spatial"}
+    assert roles(ist) == roles(ist.plan)  # print(plan) agrees (no analysis there)
+
+    torch.manual_seed(0)
+    attention = _compile(Attention(True, False).double(), _tokens())
+    labels = roles(attention)
+    selector = next(g for g in attention.plan.groups if g.units == 3 and g.status == "frozen")
+    assert labels[selector.id] == "other"
+    assert [labels[g] for g in attention.plan.split if attention.plan.groups[g].units == 4] == ["heads"]

@@ -40,6 +40,9 @@ CONCAT = "concat"
 DYNAMIC = "dynamic dimension (batch, sequence or nodes)"
 SELECTED = "a single position is selected"
 NOT_UNITS = (DYNAMIC, SELECTED)
+# A convolution's kernel window and spatial output (the roles pass tells conv channels and spatial positions by them).
+KERNEL_WINDOW = "convolution kernel window"
+SPATIAL = "spatial size follows the input"
 
 
 @dataclass

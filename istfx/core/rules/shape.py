@@ -7,7 +7,7 @@ from typing import Callable
 import torch
 import torch.fx as fx
 
-from ..axes import CONCAT, SELECTED
+from ..axes import CONCAT, SELECTED, SPATIAL
 from .context import OpContext, Sym, _dim_list, _norm_dim, dims, op_name, set_arg
 from .reshape import _rewrite_size_list, reshape_axes
 
@@ -254,7 +254,7 @@ def rule_pool(ctx: OpContext) -> None:
         lead = len(out_dims) - n_spatial
         out = list(x[:lead]) + ctx.fresh(out_dims[lead:])
         for a in out[lead:]:
-            ctx.freeze(a, "spatial size follows the input")
+            ctx.freeze(a, SPATIAL)
         outs.append(out)
     ctx.output(outs if isinstance(val, (tuple, list)) else outs[0])
 

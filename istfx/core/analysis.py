@@ -147,6 +147,8 @@ class AxisAnalysis:
         if name.startswith("higher_order.") and name.split(".", 1)[1] in _SUBGRAPH_OPS:
             return self._call_subgraph(gm, path, node, env)
         ctx = OpContext(self.alg, node, bind(node), lambda v: _lookup(env, v))
+        if _dead(node):
+            return None  # nothing reads it: what it would say about axes constrains nothing
         rule = lookup(node)
         if rule is None:
             rule_unknown(ctx)
@@ -184,6 +186,14 @@ def source_line(node: fx.Node) -> str:
         return ""
     file, line, code = frames[-1]
     return f"{file}:{line} `{code.strip()}`"
+
+
+def _dead(node: fx.Node) -> bool:
+    """A pure op whose result nobody reads (``nn.MultiheadAttention``'s averaged attention weights when
+    the caller drops them): export keeps it, but it is not part of what the model computes."""
+    target = node.target
+    return (not node.users and isinstance(target, torch._ops.OpOverload) and not target._schema.is_mutable
+            and torch.Tag.nondeterministic_seeded not in target.tags)
 
 
 def get_attr_path(obj: Any, target: str) -> Any:

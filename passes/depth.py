@@ -14,23 +14,32 @@ path common to the branch's nodes). Branches with the same module path form
 one droppable unit, so a transformer layer's attention and MLP branches are
 dropped together.
 
+For ResIST's evaluation scaling each dealt-out branch needs a *carrier*:
+parameters whose scaling by p scales the branch output by exactly p (the
+last linear op's weight and bias, or LayerScale's gamma); see
+:func:`find_carrier`.
+
 Usage::
 
-    blocks = find_residual_blocks(captured.module)
-    for b in blocks: print(b.module, b.droppable, b.parameters)
+    plan = DepthPass(blocks="layer*").run(captured.module)   # a DepthPlan
+    for b in plan.blocks: print(b.name, b.parameters)
+    blocks, shortcuts = find_residual_blocks(captured.module)  # everything found
 """
 from __future__ import annotations
 
 import fnmatch
 import operator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.fx as fx
 
 from istfx.core.analysis import source_line
+from istfx.core.blocks import Block, Branch, DepthPlan
+from istfx.core.plan import deal_blocks, keep_probability  # noqa: F401  (dealing lives in the plan)
 from istfx.core.rules import bind
+from istfx.errors import ISTError
 
 # `out += identity` (torchvision's ResNet blocks) is captured as the in-place add.
 _ADDS = {torch.ops.aten.add.Tensor, torch.ops.aten.add_.Tensor}
@@ -40,42 +49,59 @@ _COMMUTING = {"dropout", "native_dropout", "clone", "contiguous", "view", "resha
               "transpose", "permute", "to", "_to_copy", "alias", "expand", "squeeze", "unsqueeze", "flatten"}
 
 
-@dataclass
-class Branch:
-    """One residual add: ``add(skip, branch_out)`` with the branch's nodes."""
+SHORTCUT_BLOCKS = ("share", "drop")
 
-    add: str  # name of the add node
-    skip: str  # name of the node carried unchanged
-    output: str  # name of the branch's last node (the add's other operand)
-    nodes: list[str]  # branch nodes in graph order
-    parameters: list[str]  # parameters/buffers only the branch reads
-    module: str
-    self_contained: bool  # no branch node is used outside the branch
-    source: str = ""  # the user's source line of the add, as 'file.py:12 `code`'
+
+def check_shortcut_blocks(value: str) -> None:
+    """Raise a clear error unless `value` is a valid ``shortcut_blocks`` option."""
+    if value not in SHORTCUT_BLOCKS:
+        raise ISTError(f"shortcut_blocks must be 'share' or 'drop', got {value!r}.")
 
 
 @dataclass
-class Block:
-    """A droppable unit: every branch with one module path."""
+class DepthPass:
+    """Chooses the residual blocks dealt out among subnets (ResIST).
 
-    module: str
-    branches: list[Branch] = field(default_factory=list)
-    droppable: bool = True
-    reason: str = ""
-    shortcut: bool = False  # a strided/projection block: dropping it keeps only its shortcut path
+    Args:
+        blocks: a module-name glob (``"*"``, ``"layer3.*"``) selecting the
+            droppable blocks (those with an identity skip) to deal out.
+        shortcut_blocks: ``"share"`` keeps strided/projection blocks in every
+            subnet; ``"drop"`` deals them out too, keeping their shortcut path.
+        group_blocks: a module glob whose matches are the droppable units
+            (every branch inside one match is dropped together).
+    """
 
-    @property
-    def name(self) -> str:
-        """The module path, or for a block in the model's own forward, ``<root>`` and where its add is."""
-        if self.module:
-            return self.module
-        where = next((b.source for b in self.branches if b.source), "")
-        return f"<root> ({where})" if where else "<root>"
+    blocks: str = "*"
+    shortcut_blocks: str = "share"
+    group_blocks: str | None = None
 
-    @property
-    def parameters(self) -> list[str]:
-        """Parameters and buffers only this block's branches read."""
-        return sorted({p for b in self.branches for p in b.parameters})
+    def __post_init__(self) -> None:
+        check_shortcut_blocks(self.shortcut_blocks)
+
+    def run(self, module: fx.GraphModule) -> DepthPlan:
+        """The blocks to deal out, those kept in every subnet, and the carriers of the evaluation scale."""
+        found, shortcuts = find_residual_blocks(module)
+        if self.group_blocks is not None:
+            found = group_blocks(found, self.group_blocks)
+        droppable = [b for b in found if b.droppable]
+        if not droppable:
+            raise ISTError(
+                "blocks= asks for depth, but the model has no residual block with an identity skip "
+                "(an add of a tensor and a branch computed from it). Compile without blocks= for width only."
+            )
+        selected = select_blocks(found, self.blocks, shortcuts if self.shortcut_blocks == "drop" else [])
+        if not selected:
+            names = ", ".join(b.name for b in droppable[:12])
+            raise ISTError(f"blocks={self.blocks!r} matches no droppable residual block; they are: {names}.")
+        plan = DepthPlan(selected, [b for b in found + shortcuts if b not in selected])
+        for block in selected:
+            for branch in block.branches:
+                targets, why = find_carrier(module, branch)
+                if targets is None:
+                    plan.uncarried.setdefault(block.name, why)
+                else:
+                    plan.carriers.extend(t for t in targets if t not in plan.carriers)
+        return plan
 
 
 def find_residual_blocks(gm: fx.GraphModule) -> tuple[list[Block], list[Block]]:
@@ -222,34 +248,6 @@ def _is_state(n: fx.Node) -> bool:
 def _has_params(n: fx.Node, ancestors, nodes) -> bool:
     bits = ancestors[n]
     return any(m.op == "get_attr" and bits >> i & 1 for i, m in enumerate(nodes))
-
-
-def deal_blocks(n_blocks: int, subnets: int, min_depth: int | None, rng) -> list[list[int]]:
-    """Blocks each subnet keeps this round: a random partition, topped up to `min_depth`.
-
-    Without `min_depth` every block is in exactly one subnet (shares differ by
-    at most one). With it, a subnet holding fewer than `min_depth` blocks
-    borrows random others, so blocks overlap and are averaged on reassembly.
-    """
-    perm = [int(i) for i in rng.permutation(n_blocks)]
-    base, extra = divmod(n_blocks, subnets)
-    held, start = [], 0
-    for s in range(subnets):
-        size = base + (1 if s < extra else 0)
-        held.append(sorted(perm[start:start + size]))
-        start += size
-    if min_depth:
-        for s in range(subnets):
-            others = [b for b in (int(i) for i in rng.permutation(n_blocks)) if b not in held[s]]
-            held[s] = sorted(held[s] + others[: max(0, min_depth - len(held[s]))])
-    return held
-
-
-def keep_probability(n_blocks: int, subnets: int, min_depth: int | None) -> float:
-    """The fraction of subnets that hold a block in a round, on average (ResIST's p)."""
-    base = n_blocks / subnets
-    per_subnet = max(base, min_depth or 0) if min_depth else base
-    return min(1.0, per_subnet / n_blocks) if n_blocks else 1.0
 
 
 _FOLDABLE = {
@@ -419,3 +417,7 @@ def _depends(value: Any, source: fx.Node, order: dict) -> bool:
         inputs = _value_inputs(n)
         stack.extend(inputs)
     return False
+
+
+__all__ = ["DepthPass", "DepthPlan", "Block", "Branch", "find_residual_blocks", "group_blocks", "select_blocks",
+           "find_carrier", "fold_targets", "check_shortcut_blocks", "deal_blocks", "keep_probability"]

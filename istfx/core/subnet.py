@@ -25,7 +25,7 @@ from torch import nn
 from istfx.core.analysis import AnalysisResult
 
 if TYPE_CHECKING:
-    from istfx.passes.depth import Branch
+    from istfx.core.blocks import Branch
 
 
 class SubnetTemplate:

@@ -192,6 +192,8 @@ def _branch(nodes, order, ancestors, users_of, skip: fx.Node, out: fx.Node, add:
             if u not in member_set and not u.users and u.op == "call_function" and u is not add:
                 members.append(u)
                 member_set.add(u)
+    named = list(members)  # the block is named after these, not after the inputs pulled in below
+    _pull_in_exclusive_inputs(nodes, order, users_of, members, member_set, hi)
     # In-place updates of state of the branch's own modules (batch norm's step counter) go too.
     owned = {inp.target.rsplit(".", 1)[0] for m in members for inp in m.all_input_nodes
              if inp.op == "get_attr" and users_of[inp] <= member_set}
@@ -210,7 +212,34 @@ def _branch(nodes, order, ancestors, users_of, skip: fx.Node, out: fx.Node, add:
             if inp.op == "get_attr" and users_of[inp] <= member_set and inp.target not in params:
                 params.append(inp.target)
     return Branch(add.name, skip.name, out.name, [m.name for m in members], params,
-                  _module_path(members), self_contained, source_line(add))
+                  _module_path(named), self_contained, source_line(add))
+
+
+def _pull_in_exclusive_inputs(nodes, order, users_of, members: list, member_set: set, hi: int) -> None:
+    """Add the nodes computed only for the branch (a drop-path mask drawn from the batch size).
+
+    A node whose every user is in the branch, or is a dead end that reads
+    only the branch and it (``noise.div_(keep)``), is the branch's too:
+    a subnet that skips the block then draws no random mask for it, like the
+    model without that branch. An in-place op joins only with the tensor it
+    updates.
+    """
+    pulled: set = set()
+    for n in reversed(nodes[:hi]):
+        if n in member_set or n.op != "call_function" or not users_of[n]:
+            continue
+        taken = member_set | pulled | {n}
+        dead_ends = {u for u in users_of[n] if u not in taken}
+        if all(not users_of[u] and u.op == "call_function" and set(u.all_input_nodes) <= taken | dead_ends
+               for u in dead_ends):
+            pulled |= {n} | dead_ends
+    for n in sorted(pulled, key=order.__getitem__):
+        target = n.args[0] if n.args else None
+        name = getattr(n.target, "_opname", "")
+        if name.endswith("_") and isinstance(target, fx.Node) and target not in member_set | pulled:
+            continue  # it updates a tensor the rest of the model reads
+        members.append(n)
+        member_set.add(n)
 
 
 def _module_path(members: list[fx.Node]) -> str:

@@ -94,9 +94,10 @@ class DepthPass:
             names = ", ".join(b.name for b in droppable[:12])
             raise ISTError(f"blocks={self.blocks!r} matches no droppable residual block; they are: {names}.")
         plan = DepthPlan(selected, [b for b in found + shortcuts if b not in selected])
+        index = _GraphIndex.of(module)
         for block in selected:
             for branch in block.branches:
-                targets, why = find_carrier(module, branch)
+                targets, why = find_carrier(module, branch, index)
                 if targets is None:
                     plan.uncarried.setdefault(block.name, why)
                 else:
@@ -225,14 +226,18 @@ def _pull_in_exclusive_inputs(nodes, order, users_of, members: list, member_set:
     updates.
     """
     pulled: set = set()
+
+    def taken(u: fx.Node) -> bool:
+        return u in member_set or u in pulled
+
     for n in reversed(nodes[:hi]):
-        if n in member_set or n.op != "call_function" or not users_of[n]:
+        if n in member_set or n.op != "call_function" or not any(taken(u) for u in users_of[n]):
             continue
-        taken = member_set | pulled | {n}
-        dead_ends = {u for u in users_of[n] if u not in taken}
-        if all(not users_of[u] and u.op == "call_function" and set(u.all_input_nodes) <= taken | dead_ends
-               for u in dead_ends):
-            pulled |= {n} | dead_ends
+        dead_ends = [u for u in users_of[n] if not taken(u)]
+        if all(not users_of[u] and u.op == "call_function"
+               and all(taken(i) or i is n or i in dead_ends for i in u.all_input_nodes) for u in dead_ends):
+            pulled.add(n)
+            pulled.update(dead_ends)
     for n in sorted(pulled, key=order.__getitem__):
         target = n.args[0] if n.args else None
         name = getattr(n.target, "_opname", "")
@@ -331,7 +336,28 @@ def fold_targets(gm: fx.GraphModule, branch: Branch) -> list[str] | None:
     return targets
 
 
-def find_carrier(gm: fx.GraphModule, branch: Branch) -> tuple[list[str] | None, str]:
+@dataclass
+class _GraphIndex:
+    """Look-ups a carrier search needs, built once per graph."""
+
+    order: dict
+    by_name: dict
+    state: set  # names of parameters and buffers
+    reads: dict  # state name -> how many nodes read it
+
+    @classmethod
+    def of(cls, gm: fx.GraphModule) -> _GraphIndex:
+        nodes = list(gm.graph.nodes)
+        reads: dict[str, int] = {}
+        for n in nodes:
+            if n.op == "get_attr":
+                reads[n.target] = reads.get(n.target, 0) + len(n.users)
+        state = {name for name, _ in gm.named_parameters()} | {name for name, _ in gm.named_buffers()}
+        return cls({n: i for i, n in enumerate(nodes)}, {n.name: n for n in nodes}, state, reads)
+
+
+def find_carrier(gm: fx.GraphModule, branch: Branch, index: _GraphIndex | None = None
+                 ) -> tuple[list[str] | None, str]:
     """(parameters that carry a scaling of the branch output, or None; why there are none).
 
     Walks back from the branch output through ops that are positively
@@ -343,14 +369,8 @@ def find_carrier(gm: fx.GraphModule, branch: Branch) -> tuple[list[str] | None, 
     carrier's parameters by p then scales the branch output by exactly p. A
     carrier's parameters must be read by that op alone.
     """
-    nodes = list(gm.graph.nodes)
-    order = {n: i for i, n in enumerate(nodes)}
-    by_name = {n.name: n for n in nodes}
-    state = {name for name, _ in gm.named_parameters()} | {name for name, _ in gm.named_buffers()}
-    reads: dict[str, int] = {}
-    for n in nodes:
-        if n.op == "get_attr":
-            reads[n.target] = reads.get(n.target, 0) + len(n.users)
+    index = index or _GraphIndex.of(gm)
+    order, by_name, state, reads = index.order, index.by_name, index.state, index.reads
 
     def owned(value: Any, op: fx.Node) -> bool:  # state read by `op` alone
         return (isinstance(value, fx.Node) and value.op == "get_attr" and value.target in state

@@ -36,7 +36,7 @@ import torch
 import torch.fx as fx
 
 from istfx.core.analysis import source_line
-from istfx.core.blocks import Block, Branch, DepthPlan
+from istfx.core.interfaces import Block, Branch, DepthPlan
 from istfx.core.plan import deal_blocks, keep_probability  # noqa: F401  (dealing lives in the plan)
 from istfx.core.rules import bind
 from istfx.errors import ISTError
@@ -290,6 +290,9 @@ _FOLDABLE = {
     "batch_norm": ("weight", "bias"), "layer_norm": ("weight", "bias"), "rms_norm": ("weight",),
     "mm": ("mat2",), "matmul": ("other",),
 }
+# Ops between a parameter and the linear op reading it that keep scaling it (Falcon's ``weight.T``).
+_PARAM_VIEWS = {"t", "numpy_T", "mT", "transpose", "permute", "view", "reshape", "_to_copy", "to", "expand", "unsqueeze", "squeeze",
+                "alias", "contiguous", "clone"}
 # Ops whose output scales by p when their first argument does, for any p > 0 (positively homogeneous).
 _HOMOGENEOUS = _COMMUTING | {
     "relu", "leaky_relu", "neg", "mean", "sum", "max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d",
@@ -363,68 +366,87 @@ def find_carrier(gm: fx.GraphModule, branch: Branch, index: _GraphIndex | None =
     Walks back from the branch output through ops that are positively
     homogeneous in the walked operand: views, casts, dropout and drop-path
     masks, ReLU and pooling, multiplication or division by a constant or by a
-    tensor computed without the carrier. It stops at a *carrier*: a pointwise
+    tensor computed without the carrier, and sums of such paths (GPT-NeoX's
+    parallel ``attn(x) + mlp(x)``). Each path stops at a *carrier*: a pointwise
     multiply by a parameter (LayerScale's ``gamma * f(x)``) or an op linear in
-    its weight and bias (linear, conv, addmm, affine norms). Scaling the
-    carrier's parameters by p then scales the branch output by exactly p. A
-    carrier's parameters must be read by that op alone.
+    its weight and bias (linear, conv, addmm, affine norms; the weight may be
+    a transposed or reshaped parameter). Scaling the carriers' parameters by p
+    then scales the branch output by exactly p, provided no carrier's
+    parameters are read elsewhere, no other factor of the output and no other
+    carrier's input is computed from a carrier.
     """
     index = index or _GraphIndex.of(gm)
-    order, by_name, state, reads = index.order, index.by_name, index.state, index.reads
+    order, by_name = index.order, index.by_name
 
-    def owned(value: Any, op: fx.Node) -> bool:  # state read by `op` alone
-        return (isinstance(value, fx.Node) and value.op == "get_attr" and value.target in state
-                and reads[value.target] == 1 and set(value.users) == {op})
+    def param(value: Any, op: fx.Node) -> str | None:
+        """The parameter `value` is, read by `op` alone (directly or through a transpose/reshape)."""
+        while (isinstance(value, fx.Node) and value.op == "call_function" and _op(value) in _PARAM_VIEWS
+               and list(value.users) == [op]):
+            op, value = value, value.args[0]
+        if (isinstance(value, fx.Node) and value.op == "get_attr" and value.target in index.state
+                and index.reads[value.target] == 1 and list(value.users) == [op]):
+            return value.target
+        return None
 
-    node, side = by_name[branch.output], []  # side: operands the output also depends on
-    while True:
+    carriers: list[fx.Node] = []  # the ops whose parameters are scaled
+    targets: list[str] = []
+    side: list[Any] = []  # other factors of the output
+    work, seen = [by_name[branch.output]], set()
+    while work:
+        node = work.pop()
+        if node in seen:
+            continue
+        seen.add(node)
         if node.op != "call_function":
             return None, f"its branch output comes from {node.op} {node.name}"
         if node.target is operator.getitem:
-            source, index = node.args
+            source, part = node.args
             parts = _HOMOGENEOUS_PARTS.get(_op(source), ()) if isinstance(source, fx.Node) else ()
-            if parts is None or index in parts:
-                node = source.args[0]
+            if parts is None or part in parts:
+                work.append(source.args[0])
                 continue
             return None, _stop(node)
         name = _op(node)
+        tensors = [v for v in node.args if isinstance(v, fx.Node) and isinstance(v.meta.get("val"), torch.Tensor)]
         if name in _FOLDABLE:
             bound = bind(node)
             values = [bound.get(arg) for arg in _FOLDABLE[name]]
-            if not all(v is None or owned(v, node) for v in values) or not any(v is not None for v in values):
+            found = [param(v, node) for v in values if v is not None]
+            if not found or None in found:
                 return None, (f"its branch ends in {name} ({_where(node)}) whose weights are not parameters "
                               "read by that op alone")
-            targets = [v.target for v in values if v is not None]
-            break
-        if name == "mul" and len(node.args) == 2:
+            carriers.append(node)
+            targets.extend(found)
+        elif name == "mul" and len(node.args) == 2:
             a, b = node.args
-            gamma = next((v for v in (a, b) if owned(v, node)), None)
+            gamma = next((g for g in (param(v, node) for v in (a, b)) if g is not None), None)
             if gamma is not None:  # LayerScale: gamma * f(x)
-                targets = [gamma.target]
-                break
-            data = [v for v in (a, b) if isinstance(v, fx.Node)
-                    and isinstance(v.meta.get("val"), torch.Tensor)]
-            if not data:
+                carriers.append(node)
+                targets.append(gamma)
+                continue
+            if not tensors:
                 return None, _stop(node)
             # The operand on the branch's data path: the one computed from parameters, else the first.
-            data.sort(key=lambda v: not _reads_state(v))
-            other = b if data[0] is a else a
-            side.append(other)
-            node = data[0]
-            continue
-        if name == "div" and len(node.args) == 2 and isinstance(node.args[0], fx.Node):
+            data = sorted(tensors, key=lambda v: not _reads_state(v))[0]
+            side.append(b if data is a else a)
+            work.append(data)
+        elif name == "div" and len(node.args) == 2 and isinstance(node.args[0], fx.Node):
             side.append(node.args[1])
-            node = node.args[0]
-            continue
-        if name in _HOMOGENEOUS and node.args and isinstance(node.args[0], fx.Node):
-            if not any(isinstance(a.meta.get("val"), torch.Tensor) for a in _flat_nodes(node.args[1:])):
-                node = node.args[0]
-                continue
-        return None, _stop(node)
-    if any(_depends(value, node, order) for value in side):
-        return None, (f"a factor of its branch output is computed from {name} ({_where(node)}), "
-                      "so scaling that op's parameters would not scale the output by p")
-    return targets, ""
+            work.append(node.args[0])
+        elif name == "add" and len(tensors) == 2 and len(node.args) == 2 and node.kwargs.get("alpha", 1) == 1:
+            work.extend(tensors)  # a sum of scaled paths is scaled
+        elif (name in _HOMOGENEOUS and node.args and isinstance(node.args[0], fx.Node)
+              and not any(isinstance(a.meta.get("val"), torch.Tensor) for a in _flat_nodes(node.args[1:]))):
+            work.append(node.args[0])
+        else:
+            return None, _stop(node)
+    for carrier in carriers:
+        culprit = next((v for v in side if _depends(v, carrier, order)), None)
+        culprit = culprit or next((c for c in carriers if c is not carrier and _depends(c, carrier, order)), None)
+        if culprit is not None:
+            return None, (f"a factor of its branch output is computed from {_op(carrier)} ({_where(carrier)}), "
+                          "so scaling that op's parameters would not scale the output by p")
+    return list(dict.fromkeys(targets)), ""
 
 
 def _stop(node: fx.Node) -> str:
@@ -434,7 +456,10 @@ def _stop(node: fx.Node) -> str:
 
 
 def _where(node: fx.Node) -> str:
-    return source_line(node) or f"node {node.name}"
+    """'in module 0.fc1, file.py:12 `code`' (or the node's name)."""
+    module, line = _module_path([node]), source_line(node)
+    parts = ([f"in module {module}"] if module else []) + ([line] if line else [])
+    return ", ".join(parts) or f"node {node.name}"
 
 
 def _reads_state(node: fx.Node) -> bool:

@@ -1069,3 +1069,50 @@ def test_a_factor_computed_from_the_carrier_is_refused():
     model = nn.Sequential(Block(), Block())
     with pytest.raises(ISTError, match=r"block 0: .*a factor of its branch output is computed from linear"):
         istfx.compile(model, subnets=1, example_inputs=(torch.randn(4, 6),), blocks="*", width=False)
+
+
+def test_parallel_branches_carry_the_scale_in_both_paths():
+    """GPT-NeoX/Falcon's parallel layer ``x + (mlp(x) + attn(x))``, a weight read as ``w.T``: both paths carry p."""
+
+    class Parallel(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.factor = 1.0
+            self.norm = nn.LayerNorm(6)
+            self.a = nn.Linear(6, 6)
+            self.up = nn.Linear(6, 10)
+            self.w_out = nn.Parameter(torch.randn(6, 10) / 3)
+
+        def forward(self, x):
+            h = self.norm(x)
+            branch = torch.relu(self.up(h)) @ self.w_out.T + self.a(h)
+            return x + branch * self.factor if self.factor != 1.0 else x + branch
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), Parallel(), Parallel(), nn.Linear(6, 3)).double()
+    ist = istfx.compile(model, subnets=2, example_inputs=(inputs("mlp", 4),), blocks="*", width=True)
+    assert [b.module for b in ist.plan.blocks] == ["1", "2"]
+    assert sorted(ist._fold_targets) == sorted(f"{i}.{t}" for i in (1, 2) for t in ("a.weight", "a.bias", "w_out"))
+    x = inputs("mlp", 5, seed=1)
+    expected_model = copy.deepcopy(model)
+    for i in (1, 2):
+        expected_model[i].factor = ist.plan.keep_probability
+    with ist.inference_scaling() as scaled:
+        assert_close(scaled(x), expected_model(x), "parallel branches scaled by p")
+
+
+def test_a_carrier_feeding_another_is_refused():
+    """x + fc2(fc1(x)) + fc1(x): scaling both linear ops scales the first path by p^2, so nothing carries p."""
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(6, 6), nn.Linear(6, 6)
+
+        def forward(self, x):
+            h = self.fc1(x)
+            return x + (self.fc2(h) + h)
+
+    with pytest.raises(ISTError, match=r"block 0: .*computed from linear \(in module 0.fc1, "):
+        istfx.compile(nn.Sequential(Block(), Block()), subnets=1, example_inputs=(torch.randn(4, 6),), blocks="*",
+                      width=False)

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from istfx.core.analysis import AnalysisResult, AxisAnalysis
-from istfx.core.blocks import BlockFinder, DepthPlan, GroupDescriber, GroupSplitter
+from istfx.core.interfaces import BlockFinder, DepthPlan, GroupDescriber, GroupSplitter
 from istfx.core.capture import Captured, capture, infer_example_inputs, normalize_example_inputs
 from istfx.core.groups import EXACT, build_groups
 from istfx.core.plan import Plan, Policy, parse_policy

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from istfx.core.analysis import Diagnostic
-from istfx.core.blocks import Block, RoleLabel
+from istfx.core.interfaces import Block, RoleLabel
 from istfx.core.groups import APPROXIMATE, EXACT, FROZEN, Group  # noqa: F401  (re-exported)
 from istfx.core.report import format_plan
 from istfx.errors import ISTError

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from typing import Any, Protocol, Sequence
 
-from istfx.core.blocks import Block, RoleLabel
+from istfx.core.interfaces import Block, RoleLabel
 from istfx.core.groups import Group
 
 

@@ -25,7 +25,7 @@ from torch import nn
 from istfx.core.analysis import AnalysisResult
 
 if TYPE_CHECKING:
-    from istfx.core.blocks import Branch
+    from istfx.core.interfaces import Branch
 
 
 class SubnetTemplate:

@@ -8,7 +8,7 @@
 - :mod:`istfx.passes.depth` finds residual blocks to deal out (ResIST) and
   the parameters that carry their evaluation scale.
 
-Each pass implements a protocol of :mod:`istfx.core.blocks` and is handed to
+Each pass implements a protocol of :mod:`istfx.core.interfaces` and is handed to
 :func:`istfx.core.compiler.compile`; ``istfx.compile`` (:mod:`istfx.api`)
 chooses these defaults. The core never imports this package.
 """

@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from istfx.core.analysis import AnalysisResult, AxisAnalysis
-from istfx.core.capture import Captured, capture, infer_example_inputs, normalize_example_inputs
+from istfx.core.capture import (Captured, capture, infer_example_inputs, normalize_example_inputs,
+                                state_unchanged)
 from istfx.errors import ISTError, NonFiniteUpdateError, UnsupportedOpError
 from istfx.core.groups import EXACT, build_groups
 from istfx.core.plan import Plan, Policy, parse_policy
@@ -92,7 +93,11 @@ class ISTModel:
 
         Each subnet has the model's call signature and output structure, takes
         any batch size, and owns fresh copies of its slice of every parameter
-        and buffer. Subnets run in training mode (as captured).
+        and buffer. Subnets start in training mode; ``subnet.eval()`` turns
+        dropout off and batch norm to running statistics as ``model.eval()``
+        does (a model whose Python code branches on ``self.training`` in
+        another way is detected at compile time: its subnets then refuse
+        evaluation mode with an :class:`ISTError`).
         """
         if not isinstance(round, int) or round < 0:
             raise ISTError(f"round must be a non-negative int, got {round!r}")
@@ -128,7 +133,8 @@ class ISTModel:
             if self.plan.depth_scaling == "train":
                 factor = 1.0 / self.plan.keep_probability
                 scale = [(br, factor) for b in held_blocks for br in self.plan.blocks[b].branches]
-            self._templates[key] = SubnetTemplate(self.captured.module, self.analysis, new_size, drop, scale)
+            self._templates[key] = SubnetTemplate(self.captured.module, self.analysis, new_size, drop, scale,
+                                                  self.captured.eval_refusal)
         return self._templates[key]
 
     # -- depth scaling -----------------------------------------------------------
@@ -312,6 +318,7 @@ def compile(
     depth_scaling: str = "eval",
     shortcut_blocks: str = "share",
     group_blocks: str | None = None,
+    dynamic: Any = "auto",
 ) -> ISTModel:
     """Compile `model` for Independent Subnet Training with `subnets` subnets.
 
@@ -347,6 +354,13 @@ def compile(
         group_blocks: a module glob (``"model.layers.*"``) whose matches are the
             droppable units: every residual branch inside one match is dropped
             together (by default a unit is the module holding one branch).
+        dynamic: which input dims subnets accept at any size. ``"auto"``
+            (default): the batch and every other dim the model accepts at
+            another size, except image sides (static: symbolic image sides
+            make torch.export slow or fail); falls back to the batch only, then
+            to static, when export fails. ``"all"``: image sides too;
+            ``"batch"``: dim 0 only; ``False``: none; or ``{input name: (dims,)}``.
+            What is static is listed in ``plan.specialized``.
 
     Returns:
         An :class:`ISTModel`; ``print(ist.plan)`` shows the decomposition.
@@ -362,11 +376,12 @@ def compile(
             raise ISTError(f"sizes must give {subnets} fractions in (0, 1], got {list(sizes)}.")
         if policy.disjoint and sum(sizes) > 1 + 1e-9:
             raise ISTError(f"disjoint subnets cannot hold more than all units: sizes sum to {sum(sizes):.3f} > 1.")
-    if example_inputs is None:
-        args, kwargs = infer_example_inputs(model)
-    else:
-        args, kwargs = normalize_example_inputs(example_inputs)
-    captured = capture(model, args, kwargs)
+    with state_unchanged(model):  # capture runs the model: its weights and statistics stay as they are
+        if example_inputs is None:
+            args, kwargs = infer_example_inputs(model)
+        else:
+            args, kwargs = normalize_example_inputs(example_inputs)
+        captured = capture(model, args, kwargs, dynamic)
     analysis = AxisAnalysis(captured.module).run()
     if strict and analysis.diagnostics:
         lines = "\n".join(f"  - {d}" for d in analysis.diagnostics)
@@ -406,6 +421,7 @@ def compile(
         state_kinds=state_kinds, state_shapes={n: t.shape for n, t in analysis.state.items()},
         diagnostics=list(analysis.diagnostics), skipped=skipped, token=uuid.uuid4().hex,
         blocks=selected, shared_blocks=shared_blocks, min_depth=min_depth, depth_scaling=depth_scaling,
+        specialized=list(captured.specialized),
     )
     ist = ISTModel(model, plan, captured, analysis)
     ist._fold_targets = folds

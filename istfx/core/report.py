@@ -44,6 +44,10 @@ def format_plan(plan: "Plan") -> str:
             lines.append(f"  drop  {b.module or '<root>'}: {count:,} parameters, {len(b.branches)} branch(es)")
         for b in plan.shared_blocks:
             lines.append(f"  keep  {b.module or '<root>'}: {b.reason or 'not selected'}")
+    if plan.specialized:
+        lines.append("")
+        lines.append("static input dims (subnets accept only these sizes):")
+        lines.extend(f"  - {line}" for line in plan.specialized)
     if plan.diagnostics:
         lines.append("")
         lines.append(f"diagnostics ({len(plan.diagnostics)} op(s) without a rule; their axes are frozen):")

@@ -10,6 +10,8 @@ attention with ``torch.roll`` and window partitioning by view/permute, patch
 merging). Each model is built once per timed pair; the bare export and
 ``istfx.compile`` (S = 2) run on fresh copies, alternating, one torch thread.
 The ratio reported is the median over pairs of compile time / export time.
+A third column exports with the dims istfx made dynamic (what istfx's own
+export costs; dynamic dims make torch.export slower than a static export).
 """
 from __future__ import annotations
 
@@ -161,19 +163,28 @@ MODELS = {
 }
 
 
-def time_pair(name: str) -> tuple[float, float]:
+def time_pair(name: str) -> tuple[float, float, float]:
     import istfx
 
     torch.manual_seed(0)
     model, args = MODELS[name]()
-    bare, ours = copy.deepcopy(model), copy.deepcopy(model)
+    bare, ours, same = copy.deepcopy(model), copy.deepcopy(model), copy.deepcopy(model)
     start = time.perf_counter()
     torch.export.export(bare, args, strict=False)
     export_s = time.perf_counter() - start
     start = time.perf_counter()
-    istfx.compile(ours, subnets=2, example_inputs=args)
+    ist = istfx.compile(ours, subnets=2, example_inputs=args)
     compile_s = time.perf_counter() - start
-    return export_s, compile_s
+    dims = ist.captured.shapes.dims
+    names = list(dims)
+    shapes = tuple({d: torch.export.Dim.AUTO for d, size in enumerate(dims[n][0]) if not isinstance(size, int)}
+                   or None for n in names)
+    if getattr(same, "config", None) is not None:
+        same.config.use_cache = False
+    start = time.perf_counter()
+    torch.export.export(same, args, strict=False, dynamic_shapes=shapes)
+    dynamic_s = time.perf_counter() - start
+    return export_s, compile_s, dynamic_s
 
 
 def main() -> None:
@@ -184,15 +195,18 @@ def main() -> None:
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
     time_pair("mlp")  # warm-up: first-use imports and dispatcher caches
-    ratios = {}
-    print(f"{'model':<8} {'export s':>9} {'compile s':>10} {'ratio':>6}")
+    ratios, same = {}, {}
+    print(f"{'model':<8} {'export s':>9} {'compile s':>10} {'ratio':>6} {'dyn export s':>13} {'ratio':>6}")
     for name in opts.only:
-        pairs = [time_pair(name) for _ in range(opts.repeats)]
-        export_s = statistics.median(p[0] for p in pairs)
-        compile_s = statistics.median(p[1] for p in pairs)
-        ratios[name] = statistics.median(c / e for e, c in pairs)
-        print(f"{name:<8} {export_s:>9.2f} {compile_s:>10.2f} {ratios[name]:>6.2f}", flush=True)
-    print(f"median ratio {statistics.median(ratios.values()):.2f}, worst {max(ratios.values()):.2f}")
+        runs = [time_pair(name) for _ in range(opts.repeats)]
+        export_s, compile_s, dynamic_s = (statistics.median(r[i] for r in runs) for i in range(3))
+        ratios[name] = statistics.median(c / e for e, c, _ in runs)
+        same[name] = statistics.median(c / d for _, c, d in runs)
+        print(f"{name:<8} {export_s:>9.2f} {compile_s:>10.2f} {ratios[name]:>6.2f} {dynamic_s:>13.2f} "
+              f"{same[name]:>6.2f}", flush=True)
+    print(f"compile / static export: median {statistics.median(ratios.values()):.2f}, worst {max(ratios.values()):.2f}")
+    print(f"compile / export with the same dynamic dims: median {statistics.median(same.values()):.2f}, "
+          f"worst {max(same.values()):.2f}")
 
 
 if __name__ == "__main__":

@@ -544,8 +544,8 @@ def _first_line(exc: BaseException) -> str:
 def _captured_shapes(program: torch.export.ExportedProgram, signature: inspect.Signature, inputs: dict,
                      names: dict[tuple, str], dyn: tuple[tuple, dict], mode: str | dict, no_size_one: set[int]
                      ) -> tuple[InputShapes, list[str]]:
-    """The graph's input sizes (static, or any size; >= 2 at positions whose size-1 probe the graph
-    refused) and a line per input dim that is not dynamic."""
+    """The graph's input sizes (static, or any size) and a line per input dim that is not dynamic or
+    whose size-1 probe the graph refused."""
     placeholders = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
     values = [placeholders[n].meta.get("val") for n in program.graph_signature.user_inputs]
     fake_args, fake_kwargs = pytree.tree_unflatten(values, program.call_spec.in_spec)
@@ -572,7 +572,10 @@ def _captured_shapes(program: torch.export.ExportedProgram, signature: inspect.S
                 elif mode not in ("auto", "all") and not (isinstance(mode, dict) and d in mode.get(name, ())):
                     specialized.append(f"{name} dim {d} = {size}: static (dynamic={mode!r})")
                 continue
-            entry.append((2 if d in no_size_one else 0, labels.get(d, f"n{d}")))
+            entry.append((0, labels.get(d, f"n{d}")))
+            if d in no_size_one:  # not enforced: the guard may hold on other dims too (batch x H x W != 1)
+                specialized.append(f"{name} dim {d}: the graph's guards refused size 1 at the example's "
+                                   "other sizes")
         dims[name] = [tuple(entry)]
     params = tuple(p.name for p in signature.parameters.values()
                    if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD))

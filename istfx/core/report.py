@@ -46,7 +46,7 @@ def format_plan(plan: "Plan") -> str:
             lines.append(f"  keep  {b.module or '<root>'}: {b.reason or 'not selected'}")
     if plan.specialized:
         lines.append("")
-        lines.append("static input dims (subnets accept only these sizes):")
+        lines.append("static input dims (subnets accept only these sizes) and other limits:")
         lines.extend(f"  - {line}" for line in plan.specialized)
     if plan.diagnostics:
         lines.append("")

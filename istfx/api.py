@@ -44,6 +44,7 @@ def compile(
     depth_scaling: str = "eval",
     shortcut_blocks: str = "share",
     group_blocks: str | None = None,
+    dynamic: Any = "auto",
 ) -> ISTModel:
     """Compile `model` for Independent Subnet Training with `subnets` subnets.
 
@@ -79,6 +80,13 @@ def compile(
         group_blocks: a module glob (``"model.layers.*"``) whose matches are the
             droppable units: every residual branch inside one match is dropped
             together (by default a unit is the module holding one branch).
+        dynamic: which input dims subnets accept at any size. ``"auto"``
+            (default): the batch and every other dim the model accepts at
+            another size, except image sides (static: symbolic image sides
+            make torch.export slow or fail); falls back to the batch only, then
+            to static, when export fails. ``"all"``: image sides too;
+            ``"batch"``: dim 0 only; ``False``: none; or ``{input name: (dims,)}``.
+            What is static is listed in ``plan.specialized``.
 
     Returns:
         An :class:`ISTModel`; ``print(ist.plan)`` shows the decomposition.
@@ -89,6 +97,7 @@ def compile(
     return compiler.compile(
         model, subnets, example_inputs=example_inputs, policy=policy, sizes=sizes, seed=seed, strict=strict,
         width=width_pass, depth=depth_pass, describe=describe, min_depth=min_depth, depth_scaling=depth_scaling,
+        dynamic=dynamic,
     )
 
 

@@ -402,7 +402,8 @@ def resnet_ist(cls_name: str, depth: int = 18, subnets: int = 2, **options) -> i
 RESNET_CONFIGS = [
     ("PreActResNet", 18, 2, dict(width=False)),
     ("ResNet", 18, 4, dict(width=False, min_depth=2, depth_scaling="train")),
-    ("PreActResNet", 18, 3, dict(width=True, blocks="layer[14].*")),  # width and depth together
+    # width and depth together; image sides dynamic (test_resnet_selection_and_batches runs 16 px images)
+    ("PreActResNet", 18, 3, dict(width=True, blocks="layer[14].*", dynamic="all")),
     ("ResNet", 18, 2, dict(width=False, shortcut_blocks="drop")),  # ResIST's naive decomposition
 ]
 DROPPABLE = ["layer1.0", "layer1.1", "layer2.1", "layer3.1", "layer4.1"]

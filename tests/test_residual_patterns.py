@@ -19,10 +19,11 @@ timm and the ResIST code write:
 Checked on every draw, with the width split on or off and both depth
 scalings: round trip (bit for bit), coverage (units and blocks), mask
 equivalence (a subnet equals the full model with the units it does not hold
-zeroed and the branches of the blocks it skips removed, in training mode, and
-in evaluation mode on models whose training and evaluation graphs coincide)
-and the one-step SGD equivalence; the full model's evaluation-time scaling
-equals scaling the branch outputs by p.
+zeroed and the branches of the blocks it skips removed, in training and in
+evaluation mode; a model whose Python code branches on ``self.training``, as
+drop-path does, has subnets that refuse evaluation mode) and the one-step SGD
+equivalence; the full model's evaluation-time scaling equals scaling the
+branch outputs by p.
 
 The reference side never uses istfx's dropping or scaling: each test block
 has a Python ``factor`` (1 at capture, so it adds no node) that the reference
@@ -34,6 +35,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 
+import pytest
 import torch
 from conftest import (
     assert_close,
@@ -51,6 +53,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import istfx
+from istfx.errors import ISTError
 from istfx.testing import held_mask, masked_state
 
 SETTINGS = {"deadline": None, "suppress_health_check": [HealthCheck.too_slow], "derandomize": True}
@@ -84,10 +87,9 @@ class NetSpec:
     seed: int
 
     @property
-    def train_eval_coincide(self) -> bool:
-        """Whether the model computes the same function in training and evaluation mode."""
-        return self.norm != "bn" and (self.drop_rate == 0.0 or not any("drop" in b.scale or "depth" in b.scale
-                                                                      for b in self.blocks))
+    def branches_on_training(self) -> bool:
+        """Whether the model's Python code branches on ``self.training`` (drop-path with a rate > 0)."""
+        return self.drop_rate > 0 and any("drop" in b.scale or "depth" in b.scale for b in self.blocks)
 
 
 # -- the models ---------------------------------------------------------------------------------
@@ -407,7 +409,11 @@ def test_residual_patterns(spec: NetSpec, round: int) -> None:
     check_round_trip(ist, round)
     x = make_inputs(spec, 6, seed=round + 1)
     check_mask_equivalence(ist, x, round, train=True)
-    if spec.train_eval_coincide:
+    if spec.branches_on_training:  # the captured graph holds the training path only: eval mode is refused
+        subnet = ist.decompose(round)[0].eval()
+        with pytest.raises(ISTError, match="cannot run in evaluation mode"):
+            subnet(x)
+    else:  # dropout off, batch norm on running statistics, as model.eval()
         check_mask_equivalence(ist, x, round, train=False)
     check_sgd_step(ist, x, round, subnet_index=round % spec.subnets)
     check_eval_scaling(ist, x)

@@ -24,8 +24,9 @@ import torch
 from torch import nn
 
 from istfx.core.analysis import AnalysisResult, AxisAnalysis
+from istfx.core.capture import (Captured, capture, infer_example_inputs, normalize_example_inputs,
+                                state_unchanged)
 from istfx.core.interfaces import BlockFinder, DepthPlan, GroupDescriber, GroupSplitter
-from istfx.core.capture import Captured, capture, infer_example_inputs, normalize_example_inputs
 from istfx.core.groups import EXACT, build_groups
 from istfx.core.plan import Plan, Policy, parse_policy
 from istfx.core.slicing import RoundSlices
@@ -96,7 +97,11 @@ class ISTModel:
 
         Each subnet has the model's call signature and output structure, takes
         any batch size, and owns fresh copies of its slice of every parameter
-        and buffer. Subnets run in training mode (as captured).
+        and buffer. Subnets start in training mode; ``subnet.eval()`` turns
+        dropout off and batch norm to running statistics as ``model.eval()``
+        does (a model whose Python code branches on ``self.training`` in
+        another way is detected at compile time: its subnets then refuse
+        evaluation mode with an :class:`ISTError`).
         """
         if not isinstance(round, int) or round < 0:
             raise ISTError(f"round must be a non-negative int, got {round!r}")
@@ -132,7 +137,8 @@ class ISTModel:
             if self.plan.depth_scaling == "train":
                 factor = 1.0 / self.plan.keep_probability
                 scale = [(br, factor) for b in held_blocks for br in self.plan.blocks[b].branches]
-            self._templates[key] = SubnetTemplate(self.captured.module, self.analysis, new_size, drop, scale)
+            self._templates[key] = SubnetTemplate(self.captured.module, self.analysis, new_size, drop, scale,
+                                                  self.captured.eval_refusal)
         return self._templates[key]
 
     # -- depth scaling -----------------------------------------------------------
@@ -313,6 +319,7 @@ def compile(
     describe: GroupDescriber | None = None,
     min_depth: int | None = None,
     depth_scaling: str = "eval",
+    dynamic: Any = "auto",
 ) -> ISTModel:
     """Compile `model` with the passes handed in (``istfx.compile`` hands in the defaults).
 
@@ -337,11 +344,12 @@ def compile(
         raise ISTError(f"depth_scaling must be 'eval', 'train' or 'none', got {depth_scaling!r}.")
     if depth is None and min_depth is not None:
         raise ISTError("min_depth needs the depth pass: pass blocks='*' (or a module glob) as well.")
-    if example_inputs is None:
-        args, kwargs = infer_example_inputs(model)
-    else:
-        args, kwargs = normalize_example_inputs(example_inputs)
-    captured = capture(model, args, kwargs)
+    with state_unchanged(model):  # capture runs the model: its weights and statistics stay as they are
+        if example_inputs is None:
+            args, kwargs = infer_example_inputs(model)
+        else:
+            args, kwargs = normalize_example_inputs(example_inputs)
+        captured = capture(model, args, kwargs, dynamic)
     analysis = AxisAnalysis(captured.module).run()
     if strict and analysis.diagnostics:
         lines = "\n".join(f"  - {d}" for d in analysis.diagnostics)
@@ -379,6 +387,7 @@ def compile(
         state_kinds=state_kinds, state_shapes={n: t.shape for n, t in analysis.state.items()},
         diagnostics=list(analysis.diagnostics), skipped=skipped, token=uuid.uuid4().hex,
         blocks=selected, shared_blocks=blocks.shared, min_depth=min_depth, depth_scaling=depth_scaling,
+        specialized=list(captured.specialized),
     )
     ist = ISTModel(model, plan, captured, analysis)
     ist._fold_targets = blocks.carriers if depth_scaling == "eval" else []

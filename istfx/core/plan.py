@@ -115,6 +115,7 @@ class Plan:
     shared_blocks: list[Block] = field(default_factory=list)  # residual blocks found but kept in every subnet
     min_depth: int | None = None
     depth_scaling: str = "eval"
+    specialized: list[str] = field(default_factory=list)  # input dims captured static, and why
     roles: dict[int, RoleLabel] = field(default_factory=dict)  # group id -> role, from the describing pass
 
     # -- depth -----------------------------------------------------------------
@@ -189,6 +190,7 @@ class Plan:
             "min_depth": self.min_depth,
             "depth_scaling": self.depth_scaling if self.blocks else None,
             "block_keep_probability": self.keep_probability if self.blocks else None,
+            "specialized": list(self.specialized),
             "diagnostics": [
                 {"op": d.op, "node": d.node, "source": d.source, "message": d.message} for d in self.diagnostics
             ],

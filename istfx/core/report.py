@@ -29,6 +29,7 @@ class PlanView(Protocol):
     min_depth: int | None
     depth_scaling: str
     roles: dict[int, RoleLabel]
+    specialized: list[str]
     state_kinds: dict[str, str]
     state_shapes: dict[str, tuple[int, ...]]
 
@@ -73,6 +74,10 @@ def format_plan(plan: PlanView) -> str:
             lines.append(f"  drop  {b.name}: {count:,} parameters, {len(b.branches)} branch(es)")
         for b in plan.shared_blocks:
             lines.append(f"  keep  {b.name}: {b.reason or 'not selected'}")
+    if plan.specialized:
+        lines.append("")
+        lines.append("static input dims (subnets accept only these sizes) and other limits:")
+        lines.extend(f"  - {line}" for line in plan.specialized)
     if plan.diagnostics:
         lines.append("")
         lines.append(f"diagnostics ({len(plan.diagnostics)} op(s) without a rule; their axes are frozen):")

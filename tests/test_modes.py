@@ -132,3 +132,33 @@ def test_frozen_batch_norm_in_a_training_subnet() -> None:
     assert torch.equal(subnet.get_buffer("1.running_mean"), before)
     assert not torch.equal(subnet.get_buffer("6.running_mean"), ist.slices(0).take(
         "6.running_mean", ist.model.get_buffer("6.running_mean"), 0))
+
+
+class DropoutAttention(nn.Module):
+    """Attention as Hugging Face writes it: ``dropout_p=p if self.training else 0.0``."""
+
+    def __init__(self, width: int = 16, heads: int = 4, p: float = 0.3) -> None:
+        super().__init__()
+        self.heads, self.p = heads, p
+        self.q, self.k, self.v = (nn.Linear(width, width) for _ in range(3))
+        self.out = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = (p(x).view(B, T, self.heads, C // self.heads).transpose(1, 2) for p in (self.q, self.k, self.v))
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.p if self.training else 0.0)
+        return self.out(y.transpose(1, 2).reshape(B, T, C))
+
+
+def test_attention_dropout_follows_the_flag() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    ist = istfx.compile(DropoutAttention().double(), subnets=2, example_inputs=(x,))
+    assert ist.captured.eval_refusal is None
+    assert ist.plan.split
+    check_forward_equivalence(ist, ((torch.randn(3, 7, 16, dtype=torch.float64),), {}), round=0, mode="eval")
+    subnet = ist.decompose(1)[0]
+    torch.manual_seed(1)
+    a = subnet(x)
+    torch.manual_seed(2)
+    assert not torch.equal(a, subnet(x))  # attention dropout while training

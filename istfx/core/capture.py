@@ -1,10 +1,15 @@
 """Capture: a model's graph through one ``torch.export``, with the input dims that can be dynamic.
 
 Example inputs are taken, in order, from the caller, from a Hugging Face
-model's ``dummy_inputs``, or inferred from the model's first layer
-(Linear/Conv/Embedding). The graph is exported non-strict, in training mode
-(so batch norm and dropout are captured as they train), and unlifted into a
-``GraphModule`` whose parameters keep their original names.
+vision config (``pixel_values``) or model's ``dummy_inputs``, or inferred from
+the model's first layer (Linear/Conv/Embedding). Which dims are dynamic is
+decided before exporting (``dynamic=``, see :func:`capture`), so one export
+usually suffices. The graph is exported non-strict, in training mode (so
+batch norm and dropout are captured as they train; :mod:`istfx.core.modes`
+makes them follow ``eval()``), and unlifted into a ``GraphModule`` whose
+parameters keep their original names, with a pre-hook that checks input
+shapes (:class:`InputShapes`). Capture leaves the model's state untouched
+(:func:`state_unchanged`).
 """
 from __future__ import annotations
 
@@ -234,7 +239,8 @@ def state_unchanged(model: nn.Module):
         yield
     except BaseException as exc:
         error = exc
-    changed = [n for n, t in tensors.items() if t.shape != saved[n].shape or not torch.equal(t.detach(), saved[n])]
+    changed = [n for n, t in tensors.items() if t.shape != saved[n].shape
+               or (not t.is_meta and not torch.equal(t.detach(), saved[n]))]  # meta tensors hold no values
     with torch.no_grad():
         for name in changed:
             tensor = tensors[name]

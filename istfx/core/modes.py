@@ -1,8 +1,8 @@
 """Training and evaluation mode for graphs captured in training mode.
 
 torch.export captures a model as it trains: dropout with ``train=True``,
-batch norm on batch statistics with a running-statistics update, the
-``num_batches_tracked`` increment. :func:`follow_training_flag` rewrites
+attention with its dropout probability, batch norm on batch statistics with
+a running-statistics update, the ``num_batches_tracked`` increment. :func:`follow_training_flag` rewrites
 those ops to read the ``training`` flag of the module they came from at run
 time, so ``subnet.eval()`` means what ``model.eval()`` means. Python-level
 ``if self.training:`` branches were resolved during capture and cannot be
@@ -14,6 +14,7 @@ silently running the training branch.
 from __future__ import annotations
 
 import copy
+import operator
 import warnings
 from typing import Any
 
@@ -63,12 +64,27 @@ def _rewrite(gm: fx.GraphModule, top: bool) -> bool:
         if index is not None and len(node.args) > index and node.args[index] is True:
             node.update_arg(index, _flag(gm, node, flags, top))
             changed = True
+        elif node.target is aten.scaled_dot_product_attention.default and _attention_dropout(node):
+            # Attention code passes ``dropout_p=p if self.training else 0.0``: keep p only while training.
+            p = _attention_dropout(node)
+            with gm.graph.inserting_before(node):
+                scaled = gm.graph.call_function(operator.mul, (_flag(gm, node, flags, top), p))
+            if len(node.args) > 4:
+                node.update_arg(4, scaled)
+            else:
+                node.update_kwarg("dropout_p", scaled)
+            changed = True
         elif (node.target is aten.add_.Tensor and isinstance(node.args[0], fx.Node)
               and node.args[0].op == "get_attr" and str(node.args[0].target).endswith("num_batches_tracked")
               and node.args[1] == 1):
             node.update_arg(1, _flag(gm, node, flags, top))  # BatchNorm counts training batches only
             changed = True
     return changed
+
+
+def _attention_dropout(node: fx.Node) -> float:
+    p = node.args[4] if len(node.args) > 4 else node.kwargs.get("dropout_p", 0.0)
+    return p if isinstance(p, float) and p > 0 else 0.0
 
 
 def _flag(gm: fx.GraphModule, node: fx.Node, flags: dict[str, fx.Node], top: bool) -> fx.Node:
@@ -117,7 +133,8 @@ def eval_mismatch(model: nn.Module, base: fx.GraphModule, args: tuple, kwargs: d
 
     Runs both under ``no_grad`` on copies of the buffers, so neither the
     user's parameters nor buffers change. Outputs (structure and values) and
-    buffers after the call are compared.
+    buffers after the call are compared (structure and shapes only for a
+    model on the meta device).
     """
     params = {id(p) for p in base.parameters()}
     memo: dict[int, Any] = {id(t): t for t in base.parameters()}
@@ -152,7 +169,7 @@ def eval_mismatch(model: nn.Module, base: fx.GraphModule, args: tuple, kwargs: d
     graph_buffers = dict(graph.named_buffers())
     for name, value in after.items():
         mine = graph_buffers.get(name)
-        if mine is not None and mine.shape == value.shape and not torch.equal(mine, value):
+        if mine is not None and mine.shape == value.shape and not value.is_meta and not torch.equal(mine, value):
             return f"buffer {name} changes differently in evaluation mode"
     return None
 
@@ -169,6 +186,8 @@ def _compare(expected: Any, got: Any) -> str | None:
             continue
         if e.shape != g.shape or e.dtype != g.dtype:
             return f"output {i} has another shape or dtype in evaluation mode"
+        if e.is_meta or g.is_meta:
+            continue  # captured on the meta device (istfx train --init-from): no values to compare
         if not e.is_floating_point():
             if not torch.equal(e, g):
                 return f"output {i} differs in evaluation mode"

@@ -52,6 +52,7 @@ from istfx.core.slicing import RoundSlices
 from istfx.errors import ISTError
 from istfx.runtime import checkpoint as ckpt
 from istfx.runtime import comm
+from istfx.runtime.numbers import finite
 from istfx.runtime.backend_api import Backend, RankState, RoundResult, TrainSubnet
 
 from .model_storage import is_released, materialize_model, state_of
@@ -190,7 +191,7 @@ class TorchDistBackend(Backend):
             self.compress = comm.parse_compress(compress)
         except ValueError as exc:
             raise ISTError(str(exc)) from None
-        self.timeout = float(timeout)
+        self.timeout = finite("timeout", timeout, above=0.0)
         self.init_from = init_from
         self.pg_backend = backend
         self.rank = int(os.environ.get("RANK", "0"))

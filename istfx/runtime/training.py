@@ -596,7 +596,8 @@ def fit(
 
 
 def _check_arguments(ist: Any, train_data: Any, *, rounds: Any, local_steps: Any, eval_every: Any, optimizer: Any,
-                     checkpoint_dir: Any, checkpoint_every: Any, resume: Any, resume_if_present: Any = False) -> None:
+                     checkpoint_dir: Any, checkpoint_every: Any, resume: Any,
+                     resume_if_present: Any = False) -> None:
     """Refuse bad arguments of :func:`fit` before anything starts, saying what to pass instead."""
     if not isinstance(ist, ISTModel):
         raise ISTError(f"fit expects the ISTModel returned by istfx.compile(model, subnets=...), got "
@@ -635,7 +636,8 @@ def _prepare_and_resume(ist: ISTModel, runner: Backend, trainer: _SubnetTrainer,
     """Prepare `runner` for the first round to run; returns ``(start_round, samples_total)``.
 
     Without `resume` (or with `resume_if_present` and no checkpoint yet) that
-    is round 0; `resume` without a checkpoint is an error naming where it looked. Resuming, the backend loads the newest complete checkpoint, and
+    is round 0; `resume` without a checkpoint is an error naming where it
+    looked. Resuming, the backend loads the newest complete checkpoint, and
     each slot this process trains replays its data stream to the saved
     position and gets its saved RNG state back, so the run continues on the
     uninterrupted trajectory.

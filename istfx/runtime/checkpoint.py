@@ -653,7 +653,8 @@ class TensorFile:
             if found != self.checksums[name]:
                 raise self._fail(f"tensor {name!r} fails its checksum (stored {self.checksums[name]:08x}, read "
                                  f"{found:08x}): the file is corrupt.")
-        if value.is_floating_point() and value.numel():
+        if value.is_floating_point() and value.numel() and \
+                not all(torch.isfinite(v) for v in torch.aminmax(value)):  # one fast pass; NaN propagates
             bad = int((~torch.isfinite(value)).sum())
             if bad:
                 raise self._fail(f"tensor {name!r} holds {bad} non-finite value(s) (NaN or Inf): refusing to "

@@ -53,7 +53,7 @@ from istfx.runtime.backend_api import RoundResult, SubnetResult, TrainSubnet, ca
 
 from .memory import peak_rss_mb, rss_mb
 from .model_storage import release_model, state_of
-from .torch_base import TorchDistBackend
+from .torch_base import TorchDistBackend, init_distributed
 
 __all__ = ["DeepSpeedBackend", "PRECISIONS"]
 
@@ -255,6 +255,7 @@ class DeepSpeedBackend(TorchDistBackend):
         import deepspeed.comm as dcomm
 
         backend = "nccl" if torch.cuda.is_available() else "gloo"
+        init_distributed(self.timeout, backend)  # our store on MASTER_ADDR only; DeepSpeed reuses the group
         deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=self.timeout))
         self.rank, self.world_size = dcomm.get_rank(), dcomm.get_world_size()
         if torch.cuda.is_available():

@@ -36,8 +36,10 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import ipaddress
 import math
 import os
+import socket
 import threading
 from abc import abstractmethod
 from collections.abc import Iterator
@@ -52,6 +54,7 @@ from istfx.core.slicing import RoundSlices
 from istfx.errors import ISTError
 from istfx.runtime import checkpoint as ckpt
 from istfx.runtime import comm
+from istfx.runtime.numbers import finite
 from istfx.runtime.backend_api import Backend, RankState, RoundResult, TrainSubnet
 
 from .model_storage import is_released, materialize_model, state_of
@@ -83,8 +86,60 @@ def init_distributed(timeout: float = 1800.0, backend: str | None = None) -> tup
             )
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout))
+        delta = datetime.timedelta(seconds=timeout)
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":  # torchrun's agent holds the store
+            dist.init_process_group(backend, timeout=delta)
+        else:
+            rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+            addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+            if backend == "gloo" and _is_loopback(addr):  # gloo's own sockets on loopback too
+                os.environ.setdefault("GLOO_SOCKET_IFNAME", _loopback_interface())
+            listen_fd = _listen(addr, port) if rank == 0 else None
+            store = dist.TCPStore(addr, port, world, rank == 0, delta, wait_for_workers=False,
+                                  master_listen_fd=listen_fd)
+            dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=delta)
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def _is_loopback(addr: str) -> bool:
+    try:
+        return ipaddress.ip_address(socket.gethostbyname(addr) if addr == "localhost" else addr).is_loopback
+    except (ValueError, OSError):
+        return False
+
+
+def _loopback_interface() -> str:
+    """The loopback interface's name (``lo`` on Linux)."""
+    for name in sorted(os.listdir("/sys/class/net")) if os.path.isdir("/sys/class/net") else []:
+        with contextlib.suppress(OSError, ValueError):
+            with open(f"/sys/class/net/{name}/flags", encoding="ascii") as flags:
+                if int(flags.read(), 16) & 0x8:  # IFF_LOOPBACK
+                    return name
+    return "lo"
+
+
+def _listen(addr: str, port: int) -> int:
+    """A socket listening on `addr`:`port` only (not every interface), as a file descriptor for the store.
+
+    MASTER_ADDR is where the store listens: 127.0.0.1 for ``istfx train`` on
+    one machine, the address the other nodes reach on a cluster.
+    """
+    try:
+        family, kind, proto, _, sockaddr = socket.getaddrinfo(addr, port, type=socket.SOCK_STREAM)[0]
+    except OSError as exc:
+        raise ISTError(f"MASTER_ADDR {addr!r} does not resolve ({exc.strerror}): set it to this node's "
+                       "address (127.0.0.1 on one machine).") from None
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # not an active listener's port, only TIME_WAIT
+        sock.bind(sockaddr)
+        sock.listen(1024)
+    except OSError as exc:
+        sock.close()
+        raise ISTError(f"cannot listen on {addr}:{port} for the rendezvous ({exc.strerror}): another process "
+                       "uses that port; pass another --master-port (MASTER_PORT) or leave it out for a free one.") \
+            from None
+    return sock.detach()
 
 
 def rendezvous_store(timeout: float) -> dist.Store:
@@ -190,7 +245,7 @@ class TorchDistBackend(Backend):
             self.compress = comm.parse_compress(compress)
         except ValueError as exc:
             raise ISTError(str(exc)) from None
-        self.timeout = float(timeout)
+        self.timeout = finite("timeout", timeout, above=0.0)
         self.init_from = init_from
         self.pg_backend = backend
         self.rank = int(os.environ.get("RANK", "0"))

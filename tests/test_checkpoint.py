@@ -75,10 +75,95 @@ def test_local_resume_is_bit_for_bit(tmp_path, data):
         assert torch.equal(full[name], resumed[name]), name
 
 
-def test_resume_without_a_checkpoint_starts_fresh(tmp_path):
-    state, history = _train(tmp_path / "empty", 2, _per_subnet, resume=True)
+def _compiled(subnets: int = 3, seed: int = 5):
+    torch.manual_seed(0)
+    return istfx.compile(DropNet(), subnets=subnets, example_inputs=(torch.randn(4, 16),), seed=seed)
+
+
+def _state(ist) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in ist.model.state_dict().items()}
+
+
+@pytest.mark.parametrize("where", ["missing", "no-manifests"])
+def test_resume_with_nothing_to_resume_is_an_error_naming_the_directory(tmp_path, where):
+    root = tmp_path / "ckpt"
+    if where == "no-manifests":  # a run whose manifests were deleted: no complete checkpoint
+        _train(root, 2, _per_subnet)
+        for manifest in root.glob("round-*/manifest.json"):
+            manifest.unlink()
+    ist = _compiled()
+    before = _state(ist)
+    with pytest.raises(checkpoint.CheckpointError, match=f"resume: {root}") as err:
+        fit(ist, _per_subnet, rounds=2, local_steps=1, checkpoint_dir=root, resume=True, progress=False)
+    assert "\n" not in str(err.value) and "resume_if_present" in str(err.value)
+    assert all(torch.equal(before[k], v) for k, v in _state(ist).items())
+
+
+def test_resume_if_present_starts_fresh_without_a_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    ist = istfx.compile(DropNet(), subnets=3, example_inputs=(torch.randn(4, 16),), seed=5)
+    history = fit(ist, _per_subnet, rounds=2, local_steps=1, checkpoint_dir=tmp_path / "empty", checkpoint_every=1,
+                  resume=True, resume_if_present=True, progress=False)
     assert [row["round"] for row in history] == [0, 1]
     assert checkpoint.find(tmp_path / "empty").round == 1
+    with pytest.raises(ISTError, match="resume_if_present goes with resume=True"):
+        fit(ist, _per_subnet, rounds=2, local_steps=1, checkpoint_dir=tmp_path, resume_if_present=True)
+
+
+def test_checkpoint_dir_naming_a_file_fails_before_any_work(tmp_path):
+    path = tmp_path / "a-file"
+    path.write_text("not a directory")
+    ist = _compiled()
+    before = _state(ist)
+    with pytest.raises(checkpoint.CheckpointError, match=f"checkpoint directory {path} is a file"):
+        fit(ist, _per_subnet, rounds=2, local_steps=1, checkpoint_dir=path, checkpoint_every=1, progress=False)
+    assert path.read_text() == "not a directory"
+    assert all(torch.equal(before[k], v) for k, v in _state(ist).items())
+
+
+def test_resume_cuts_the_metrics_file_back_to_the_checkpoint(tmp_path):
+    root, metrics = tmp_path / "ckpt", tmp_path / "metrics.jsonl"
+
+    def run(rounds: int, resume: bool) -> None:
+        ist = _compiled()
+        fit(ist, _per_subnet, rounds=rounds, local_steps=2, checkpoint_dir=root, checkpoint_every=2,
+            resume=resume, keep_checkpoints=None, metrics_path=metrics, progress=False)
+
+    run(4, False)  # checkpoints after rounds 1 and 3; metrics rows 0..3
+    # The run was killed after round 3 but before its checkpoint: rows 2 and 3 are in the file, and
+    # the last row was being written.
+    import shutil
+
+    shutil.rmtree(checkpoint.round_dir(root, 3))
+    (root / "latest").unlink()
+    with open(metrics, "a") as handle:
+        handle.write('{"round": 4, "train_lo')
+    run(4, True)
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [row["round"] for row in rows] == [0, 1, 2, 3]
+
+
+def test_a_save_removes_what_interrupted_saves_left(tmp_path):
+    _train(tmp_path, 3, _per_subnet, every=2)  # complete checkpoints after rounds 1 and 2
+    # What kills during earlier saves leave: temporary files in the root and in complete checkpoints,
+    # and a round directory that never got its manifest.
+    stale = [tmp_path / ".latest.x1.tmp", checkpoint.round_dir(tmp_path, 1) / ".model.safetensors.x2.tmp",
+             checkpoint.round_dir(tmp_path, 2) / ".rank-00000.safetensors.x3.tmp"]
+    for path in stale:
+        path.write_bytes(b"partial")
+    incomplete = checkpoint.round_dir(tmp_path, 0)
+    incomplete.mkdir()
+    (incomplete / "model.safetensors").write_bytes(b"partial")
+    unrelated = tmp_path / "notes.txt"
+    unrelated.write_text("kept")
+    ist = _compiled()
+    fit(ist, _per_subnet, rounds=4, local_steps=1, checkpoint_dir=tmp_path, checkpoint_every=1, resume=True,
+        keep_checkpoints=None, progress=False)
+    assert [p.name for p in stale if p.exists()] == []
+    assert not incomplete.exists()
+    assert unrelated.read_text() == "kept"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "notes.txt", "round-000001", "round-000002",
+                                                          "round-000003"]
 
 
 def test_resume_refuses_another_seed_or_subnet_count(tmp_path):

@@ -299,7 +299,7 @@ EVERY_TRAIN_FLAG = [
     "--depth-scaling", "train", "--shortcut-blocks", "drop", "--group-blocks", "layers.*", "--backend", "torch",
     "--rounds", "11", "--local-steps", "4", "--data", "digits", "--lr", "0.05", "--momentum", "0.5",
     "--batch-size", "16", "--no-shard", "--eval-every", "3", "--threads", "2", "--quiet",
-    "--checkpoint-dir", "ck", "--checkpoint-every", "2", "--keep-checkpoints", "3", "--resume",
+    "--checkpoint-dir", "ck", "--checkpoint-every", "2", "--keep-checkpoints", "3", "--resume", "--resume-if-present",
     "--metrics", "m.jsonl", "--save", "out.safetensors", "--master-port", "29999", "--timeout", "60",
     "--topology", "sharded", "--compress", "int8", "--round-timeout", "30", "--heartbeat-timeout", "0",
     "--local-rank", "1",

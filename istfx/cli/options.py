@@ -16,7 +16,7 @@ from typing import Any
 from istfx.cli.loader import MODEL_FILE_HELP
 
 __all__ = ["BACKEND_OPTIONS", "add_compile_options", "check_backend_options", "compile_kwargs",
-           "configure_inspect", "configure_train", "fractions", "positive_int"]
+           "configure_inspect", "configure_train", "fractions", "number", "positive_int"]
 
 
 def positive_int(text: str) -> int:
@@ -28,6 +28,22 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
+
+
+def number(*, minimum: float | None = None, above: float | None = None):
+    """An argparse type: a finite float ``>= minimum`` (``> above``); nan, inf and out-of-range values
+    are refused by :func:`istfx.runtime.numbers.finite` before anything runs."""
+    from istfx.errors import ISTError
+    from istfx.runtime.numbers import finite
+
+    def parse(text: str) -> float:
+        try:
+            return finite("the value", text, minimum=minimum, above=above)
+        except ISTError as exc:
+            raise argparse.ArgumentTypeError(str(exc).removeprefix("the value ")) from None
+
+    parse.__name__ = "number"  # argparse names the type in its messages
+    return parse
 
 
 def fractions(text: str) -> list[float]:
@@ -170,8 +186,9 @@ def configure_train(p: argparse.ArgumentParser) -> None:
     t.add_argument("--data", choices=("auto", "digits"), default="auto",
                    help="auto: the file's train_batches() or train_data() when it defines one, else "
                         "scikit-learn's digits (default); digits: the digits whatever the file defines")
-    t.add_argument("--lr", type=float, default=0.1, help="SGD learning rate (default: 0.1)")
-    t.add_argument("--momentum", type=float, default=0.9, help="SGD momentum, reset every round (default: 0.9)")
+    t.add_argument("--lr", type=number(above=0.0), default=0.1, help="SGD learning rate (default: 0.1)")
+    t.add_argument("--momentum", type=number(minimum=0.0), default=0.9,
+                   help="SGD momentum, reset every round (default: 0.9)")
     t.add_argument("--batch-size", type=positive_int, default=32, help="batch size of each subnet (default: 32)")
     t.add_argument("--no-shard", action="store_true", help="every subnet draws from the whole training set")
     t.add_argument("--eval-every", type=positive_int, default=1,
@@ -186,14 +203,18 @@ def configure_train(p: argparse.ArgumentParser) -> None:
                    help="rounds between checkpoints (default: 5)")
     o.add_argument("--keep-checkpoints", type=positive_int, default=2,
                    help="complete checkpoints kept (default: 2)")
-    o.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --checkpoint-dir")
+    o.add_argument("--resume", action="store_true",
+                   help="continue from the newest checkpoint in --checkpoint-dir (an error when there is none)")
+    o.add_argument("--resume-if-present", action="store_true",
+                   help="continue from the newest checkpoint in --checkpoint-dir if there is one, else start "
+                        "from round 0")
     o.add_argument("--metrics", default=None, metavar="OUT.jsonl", help="per-round metrics as JSON lines (rank 0)")
     o.add_argument("--save", default=None, metavar="OUT.safetensors", help="write the trained model here (rank 0)")
 
     d = p.add_argument_group("--backend torch or deepspeed (processes on this machine or under torchrun)")
     d.add_argument("--master-port", type=positive_int, default=None,
                    help="rendezvous port on 127.0.0.1 (default: a free one)")
-    d.add_argument("--timeout", type=float, default=1800.0,
+    d.add_argument("--timeout", type=number(above=0.0), default=1800.0,
                    help="seconds a collective or a receive may wait before the job fails (default: 1800)")
     d.add_argument("--init-from", default=None, metavar="STATE.safetensors",
                    help="initial model state (e.g. a --save of another run); ranks build the model on the "
@@ -206,10 +227,10 @@ def configure_train(p: argparse.ArgumentParser) -> None:
                          "(needs a disjoint policy)")
     tb.add_argument("--compress", choices=("none", "int8", "int4"), default="none",
                     help="quantize the exchanged slices (per-row scales; default: none)")
-    tb.add_argument("--round-timeout", type=float, default=300.0,
+    tb.add_argument("--round-timeout", type=number(above=0.0), default=300.0,
                     help="ps: seconds to wait for a round's results before going on without a rank "
                          "(default: 300)")
-    tb.add_argument("--heartbeat-timeout", type=float, default=60.0,
+    tb.add_argument("--heartbeat-timeout", type=number(minimum=0.0), default=60.0,
                     help="ps: a rank silent this long is taken as dead (0: off; default: 60)")
 
     ds = p.add_argument_group("--backend deepspeed")

@@ -76,13 +76,28 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     """Run ``istfx train`` for parsed `args`; `argv` are the same arguments as given (the ranks get them)."""
     distributed = args.backend != "local"
     is_rank = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    if args.metrics and os.environ.get("RANK", "0") == "0" and not args.resume and (is_rank or not distributed):
+    _check_checkpoint_options(args)  # before any work: a bad --checkpoint-dir or nothing to --resume
+    resuming = args.resume or args.resume_if_present
+    if args.metrics and os.environ.get("RANK", "0") == "0" and not resuming and (is_rank or not distributed):
         Path(args.metrics).unlink(missing_ok=True)  # a fresh run starts a fresh metrics file
     if not distributed:
         return _train_local(args)
     if is_rank:
         return _rank(args)
     return _launch(args, argv)
+
+
+def _check_checkpoint_options(args: argparse.Namespace) -> None:
+    """Refuse --checkpoint-dir naming a file, and --resume with nothing to resume (the library's errors)."""
+    if args.checkpoint_dir is None:
+        if args.resume or args.resume_if_present:
+            raise ISTError("--resume needs --checkpoint-dir (where the checkpoints are).")
+        return
+    from istfx.runtime import checkpoint
+
+    checkpoint.check_root(args.checkpoint_dir)
+    if args.resume or args.resume_if_present:
+        checkpoint.resumable(args.checkpoint_dir, if_present=args.resume_if_present)
 
 
 def rank_count(args: argparse.Namespace) -> int:
@@ -293,7 +308,8 @@ def _fit_kwargs(args: argparse.Namespace, loaded: ModelFile, test) -> dict:
         progress=False,
         checkpoint_dir=args.checkpoint_dir,
         checkpoint_every=args.checkpoint_every if args.checkpoint_dir else 0,
-        resume=bool(args.resume),
+        resume=bool(args.resume or args.resume_if_present),
+        resume_if_present=bool(args.resume_if_present),
         keep_checkpoints=args.keep_checkpoints,
     )
 

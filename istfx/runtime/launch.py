@@ -3,7 +3,9 @@
 :func:`launch` runs ``python -m MODULE ARGS`` once per rank with torchrun's
 environment (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``LOCAL_WORLD_SIZE``,
 ``MASTER_ADDR=127.0.0.1``, ``MASTER_PORT``), so the same worker code runs
-here and under ``torchrun`` on a cluster. Unlike torchrun's elastic agent,
+here and under ``torchrun`` on a cluster. Rank 0's rendezvous store and gloo
+listen on 127.0.0.1 only (see ``init_distributed`` in
+:mod:`istfx.backends.torch_base`); a ``master_port`` in use fails at once. Unlike torchrun's elastic agent,
 which stops every rank when one fails, it can let a job go on without a
 failed rank (``tolerate``): the parameter-server topology survives workers
 that die, and the launcher must not end it for them. ::
@@ -36,7 +38,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
-__all__ = ["LaunchMonitor", "free_port", "launch", "rank_env"]
+__all__ = ["LaunchMonitor", "check_port", "free_port", "launch", "rank_env"]
 
 
 class LaunchMonitor(Protocol):
@@ -55,6 +57,19 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
+
+
+def check_port(port: int, host: str = "127.0.0.1") -> None:
+    """Raise ISTError at once when nothing can listen on `host`:`port` (another process holds it)."""
+    from istfx.errors import ISTError
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a port in TIME_WAIT is free to listen on
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise ISTError(f"the rendezvous port {host}:{port} is not free ({exc.strerror}): pass another "
+                           "--master-port, or leave it out for a free one.") from None
 
 
 def rank_env(rank: int, world: int, master_port: int, master_addr: str = "127.0.0.1",
@@ -125,6 +140,8 @@ def launch(
     """
     if nproc < 1:
         raise ValueError(f"nproc must be >= 1, got {nproc}")
+    if master_port is not None:
+        check_port(master_port)  # rank 0 would fail to listen only after its imports, the others wait
     port = master_port or free_port()
     run_id = uuid.uuid4().hex[:12]
     # Rank 0 creates this file once every rank has joined; before that no failure is tolerated

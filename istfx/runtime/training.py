@@ -467,6 +467,7 @@ def fit(
     checkpoint_dir: str | os.PathLike | None = None,
     checkpoint_every: int = 0,
     resume: bool | str | os.PathLike = False,
+    resume_if_present: bool = False,
     keep_checkpoints: int | None = 2,
     callback: Callable[[dict], None] | None = None,
 ) -> History:
@@ -512,10 +513,13 @@ def fit(
         checkpoint_every: save after every this many rounds (and after the
             last round); 0 saves nothing.
         resume: True to continue from the newest complete checkpoint in
-            `checkpoint_dir` (a fresh start when there is none), or the path
-            of a checkpoint. The resumed run deals the same assignments and
-            replays the data positions and RNG states, so it ends where an
-            uninterrupted run would.
+            `checkpoint_dir`, or the path of a checkpoint; an error when there
+            is none (see `resume_if_present`). The resumed run deals the same
+            assignments and replays the data positions and RNG states, so it
+            ends where an uninterrupted run would; `metrics_path` is cut back
+            to the rounds before the checkpoint's next round.
+        resume_if_present: with ``resume=True``, start from round 0 instead of
+            failing when `checkpoint_dir` holds no complete checkpoint yet.
         keep_checkpoints: how many complete checkpoints to keep (None: all).
         callback: called on the main rank with each round's metrics row.
 
@@ -527,7 +531,7 @@ def fit(
     """
     _check_arguments(ist, train_data, rounds=rounds, local_steps=local_steps, eval_every=eval_every,
                      optimizer=optimizer, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
-                     resume=resume)
+                     resume=resume, resume_if_present=resume_if_present)
     runner = resolve_backend(backend)
     if carry_optimizer_state and not runner.carries_optimizer_state:
         raise ISTError("carry_optimizer_state needs the full-size optimizer state in one process: "
@@ -540,7 +544,8 @@ def fit(
     dataset_size = None if _per_subnet(train_data) else _dataset_size(train_data)
     parameter_bytes = model_parameter_bytes(ist)  # before prepare: ranks may drop the model's storage
     history = History()
-    start_round, samples_total = _prepare_and_resume(ist, runner, trainer, checkpoint_dir, resume)
+    start_round, samples_total = _prepare_and_resume(ist, runner, trainer, checkpoint_dir, resume,
+                                                     resume_if_present)
     main = runner.is_main
     slots = runner.trained_slots(ist)
     manifest = {"subnets": ist.plan.subnets, "seed": ist.plan.seed, "backend": runner.name,
@@ -552,7 +557,8 @@ def fit(
     bar = tqdm(range(start_round, rounds), desc="IST rounds", unit="round", disable=not show, leave=True)
     with contextlib.ExitStack() as stack:
         stack.callback(bar.close)
-        log = _MetricsLog(stack, metrics_path if main else None, callback if main else None)
+        log = _MetricsLog(stack, metrics_path if main else None, callback if main else None,
+                          keep_before=start_round if resume else None)
         for round in bar:
             start = time.perf_counter()
             slices = None
@@ -591,7 +597,8 @@ def fit(
 
 
 def _check_arguments(ist: Any, train_data: Any, *, rounds: Any, local_steps: Any, eval_every: Any, optimizer: Any,
-                     checkpoint_dir: Any, checkpoint_every: Any, resume: Any) -> None:
+                     checkpoint_dir: Any, checkpoint_every: Any, resume: Any,
+                     resume_if_present: Any = False) -> None:
     """Refuse bad arguments of :func:`fit` before anything starts, saying what to pass instead."""
     if not isinstance(ist, ISTModel):
         raise ISTError(f"fit expects the ISTModel returned by istfx.compile(model, subnets=...), got "
@@ -603,6 +610,10 @@ def _check_arguments(ist: Any, train_data: Any, *, rounds: Any, local_steps: Any
         raise ISTError(f"checkpoint_every must be an int >= 0, got {checkpoint_every!r}.")
     if (checkpoint_every or resume is True) and checkpoint_dir is None:
         raise ISTError("checkpoint_every and resume=True need checkpoint_dir.")
+    if resume_if_present and resume is not True:
+        raise ISTError("resume_if_present goes with resume=True (resume from checkpoint_dir when it holds one).")
+    if checkpoint_dir is not None:
+        ckpt.check_root(checkpoint_dir)
     per_subnet = _per_subnet(train_data)
     if not per_subnet and (train_data is None or not hasattr(train_data, "__iter__")):
         raise ISTError(f"train_data must be an iterable of (inputs, targets) batches such as a DataLoader, "
@@ -622,11 +633,12 @@ def _check_arguments(ist: Any, train_data: Any, *, rounds: Any, local_steps: Any
 # -- resume -----------------------------------------------------------------------
 def _prepare_and_resume(ist: ISTModel, runner: Backend, trainer: _SubnetTrainer,
                         checkpoint_dir: str | os.PathLike | None,
-                        resume: bool | str | os.PathLike) -> tuple[int, int]:
+                        resume: bool | str | os.PathLike, resume_if_present: bool = False) -> tuple[int, int]:
     """Prepare `runner` for the first round to run; returns ``(start_round, samples_total)``.
 
-    Without `resume` (or with ``resume=True`` and no checkpoint yet) that is
-    round 0. Resuming, the backend loads the newest complete checkpoint, and
+    Without `resume` (or with `resume_if_present` and no checkpoint yet) that
+    is round 0; `resume` without a checkpoint is an error naming where it
+    looked. Resuming, the backend loads the newest complete checkpoint, and
     each slot this process trains replays its data stream to the saved
     position and gets its saved RNG state back, so the run continues on the
     uninterrupted trajectory.
@@ -634,9 +646,7 @@ def _prepare_and_resume(ist: ISTModel, runner: Backend, trainer: _SubnetTrainer,
     checkpoint = None
     if resume:
         where = checkpoint_dir if resume is True else resume
-        checkpoint = ckpt.find(where)
-        if checkpoint is None and resume is not True:
-            raise ISTError(f"resume: no complete checkpoint at {where}.")
+        checkpoint = ckpt.resumable(where, if_present=resume_if_present)
     start_round, samples_total = 0, 0
     if checkpoint is not None:
         checkpoint.check(subnets=ist.plan.subnets, seed=ist.plan.seed)
@@ -696,10 +706,16 @@ def _round_metrics(result: RoundResult, *, samples_total: int, dataset_size: int
 
 
 class _MetricsLog:
-    """Where the main process sends each round's row: a JSON-lines file (appended) and a callback."""
+    """Where the main process sends each round's row: a JSON-lines file (appended) and a callback.
+
+    With `keep_before` (a resumed run's first round) the file first loses the
+    rows of that round and later, which the resumed run writes again.
+    """
 
     def __init__(self, stack: contextlib.ExitStack, path: str | os.PathLike | None,
-                 callback: Callable[[dict], None] | None) -> None:
+                 callback: Callable[[dict], None] | None, keep_before: int | None = None) -> None:
+        if path is not None and keep_before is not None and os.path.isfile(path):
+            _truncate_metrics(path, keep_before)
         self.file = stack.enter_context(open(path, "a", encoding="utf-8")) if path is not None else None
         self.callback = callback
 
@@ -709,3 +725,17 @@ class _MetricsLog:
             self.file.flush()
         if self.callback is not None:
             self.callback(row)
+
+
+def _truncate_metrics(path: str | os.PathLike, keep_before: int) -> None:
+    """Keep the rows of rounds before `keep_before` in the JSON-lines file `path` (atomically)."""
+    kept = []
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                break  # a row cut short by the interruption: it and anything after it go
+            if isinstance(row, dict) and isinstance(row.get("round"), int) and row["round"] < keep_before:
+                kept.append(line if line.endswith("\n") else line + "\n")
+    ckpt.atomic_write_text(path, "".join(kept))

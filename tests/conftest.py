@@ -66,6 +66,19 @@ def examples(n: int) -> int:
 # -- state ---------------------------------------------------------------------
 
 
+
+def perturb_norms(model: nn.Module) -> nn.Module:
+    """Non-trivial norm affine parameters and running statistics (defaults are 1 and 0), so misplaced units show."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm)) and m.weight is not None:
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0, 0.2)
+            if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) and m.running_mean is not None:
+                m.running_mean.normal_(0, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+    return model
+
 def snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
     """Every parameter and buffer of `module`, cloned."""
     return {k: v.detach().clone() for k, v in module.state_dict(keep_vars=True).items()}

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from conftest import perturb_norms
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -175,20 +176,8 @@ class ResidualNet(nn.Module):
 def build(spec: Spec) -> nn.Module:
     torch.manual_seed(spec.seed)
     model = ResidualNet(spec).double()
-    _perturb_norms(model)
+    perturb_norms(model)
     return model
-
-
-def _perturb_norms(model: nn.Module) -> None:
-    """Non-trivial affine parameters and running statistics (defaults are 1 and 0)."""
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm)) and m.weight is not None:
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0, 0.2)
-            if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) and m.running_mean is not None:
-                m.running_mean.normal_(0, 0.2)
-                m.running_var.uniform_(0.5, 1.5)
 
 
 def inputs(spec_or_kind, batch: int, seed: int = 0, side: int = 8) -> torch.Tensor:
@@ -394,7 +383,7 @@ def resnet_ist(cls_name: str, depth: int = 18, subnets: int = 2, **options) -> i
     cls = {"PreActResNet": PreActResNet, "ResNet": ResNet}[cls_name]
     torch.manual_seed(depth + subnets)
     model = cls(depth, num_classes=10, in_channels=1, width=4).double()
-    _perturb_norms(model)
+    perturb_norms(model)
     options.setdefault("blocks", "*")
     return istfx.compile(model, subnets=subnets, example_inputs=(inputs("resnet", 2),), **options)
 
@@ -830,7 +819,7 @@ def test_inplace_residual_adds_are_blocks(name):
     block, carriers = INPLACE_BLOCKS[name]
     torch.manual_seed(0)
     model = InplaceNet(block).double()
-    _perturb_norms(model)
+    perturb_norms(model)
     ist = istfx.compile(model, subnets=2, example_inputs=(inputs("resnet", 4),), blocks="*", width=True)
     adds = {n.name for n in ist.captured.module.graph.nodes if n.target is torch.ops.aten.add_.Tensor}
     assert adds, "the capture keeps the in-place add"

@@ -45,6 +45,7 @@ from conftest import (
     default_loss,
     examples,
     model_tensor,
+    perturb_norms,
     snapshot,
     subnet_state,
 )
@@ -204,16 +205,7 @@ class Net(nn.Module):
 
 def build(spec: NetSpec) -> Net:
     torch.manual_seed(spec.seed)
-    model = Net(spec).double()
-    with torch.no_grad():  # non-trivial affine parameters and running statistics
-        for m in model.modules():
-            if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm)) and m.weight is not None:
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0, 0.2)
-            if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) and m.running_mean is not None:
-                m.running_mean.normal_(0, 0.2)
-                m.running_var.uniform_(0.5, 1.5)
-    return model
+    return perturb_norms(Net(spec).double())
 
 
 def make_inputs(spec: NetSpec, batch: int, seed: int) -> torch.Tensor:

@@ -621,3 +621,31 @@ def test_generated_attention_and_experts_zoo(spec: TokenZooSpec) -> None:
     """nn.MultiheadAttention (packed and separate projections, batch_first both), expert loops, FFNs with
     in-place activations: the invariants hold in training and in evaluation mode."""
     _check_generated(spec)
+
+
+def test_hugging_face_eager_experts_are_captured_and_split_in_float64() -> None:
+    """Mixtral with ``eager`` experts (a per-expert loop over the tokens each expert got; float64 works):
+    capture used to fail with GuardOnDataDependentSymNode. It is captured as ``batched_mm`` and the
+    experts' hidden units split, mask-equivalent to the eager model in float64."""
+    import transformers as tf
+
+    def build() -> nn.Module:
+        torch.manual_seed(0)
+        config = tf.MixtralConfig(
+            vocab_size=97, hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=4,
+            num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64,
+        )
+        config._experts_implementation = "eager"
+        return tf.MixtralForCausalLM(config).double()
+
+    ids = torch.randint(0, 97, (2, 8), generator=torch.Generator().manual_seed(0))
+    model = build()
+    ist = istfx.compile(model, subnets=2, example_inputs={"input_ids": ids})
+    assert model.config._experts_implementation == "eager"  # the user's model is left as it was
+    experts = [g for g in ist.plan.split
+               if any(m.tensor.endswith("experts.down_proj") for m in ist.plan.groups[g].members)]
+    assert len(experts) == 1 and roles(ist)[experts[0]] == "ffn"
+    inputs = ((), {"input_ids": ids})
+    check_round_trip(ist, 0)
+    check_forward_equivalence(ist, inputs, 1, key="logits")
+    check_sgd_step(ist, inputs, 1, 0, key="logits")

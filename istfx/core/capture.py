@@ -241,8 +241,27 @@ def _accepts(model: nn.Module, args: tuple, kwargs: dict, grown: dict) -> bool:
 
 def capture(model: nn.Module, args: tuple, kwargs: dict) -> Captured:
     """Export `model` non-strict with every dim the model accepts at any size dynamic."""
-    with _no_kv_cache(model):
+    with _no_kv_cache(model), _batched_experts(model):
         return _capture(model, args, kwargs)
+
+
+@contextlib.contextmanager
+def _batched_experts(model: nn.Module):
+    """Capture Hugging Face experts written as a per-expert loop (``eager``) as ``batched_mm``.
+
+    The loop runs only the experts some token chose, a data-dependent branch
+    torch.export cannot capture; ``batched_mm`` computes the same sums with
+    the experts' weights gathered per token. Set for the capture only.
+    """
+    configs = {id(c): c for m in model.modules() if (c := getattr(m, "config", None)) is not None
+               and getattr(c, "_experts_implementation", None) == "eager"}
+    for config in configs.values():
+        config._experts_implementation = "batched_mm"
+    try:
+        yield
+    finally:
+        for config in configs.values():
+            config._experts_implementation = "eager"
 
 
 def _capture(model: nn.Module, args: tuple, kwargs: dict) -> Captured:

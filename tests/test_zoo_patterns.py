@@ -494,7 +494,7 @@ def token_block(draw) -> tuple:
 
 @st.composite
 def token_zoo_specs(draw) -> TokenZooSpec:
-    blocks = tuple(draw(st.lists(token_block(), min_size=1, max_size=3)))
+    blocks = tuple(draw(st.lists(token_block(), min_size=1, max_size=2)))
     return TokenZooSpec(16, draw(st.sampled_from([2, 4])), blocks, draw(st.booleans()), draw(st.integers(2, 3)),
                         draw(st.booleans()), draw(st.integers(0, 2**16)))
 
@@ -615,7 +615,7 @@ def test_generated_convolutional_zoo(spec: ConvZooSpec) -> None:
     _check_generated(spec)
 
 
-@settings(max_examples=examples(5), **SETTINGS)
+@settings(max_examples=examples(4), **SETTINGS)
 @given(spec=token_zoo_specs())
 def test_generated_attention_and_experts_zoo(spec: TokenZooSpec) -> None:
     """nn.MultiheadAttention (packed and separate projections, batch_first both), expert loops, FFNs with

@@ -649,3 +649,26 @@ def test_hugging_face_eager_experts_are_captured_and_split_in_float64() -> None:
     check_round_trip(ist, 0)
     check_forward_equivalence(ist, inputs, 1, key="logits")
     check_sgd_step(ist, inputs, 1, 0, key="logits")
+
+
+def test_rule_table_lines_for_integer_division() -> None:
+    """Rule-table lines added with the experts rules: ``aten.floor_divide``, ``aten.remainder`` and
+    ``aten.fmod`` are pointwise (``grouped_mm_fallback`` and ``histc`` are covered by the Mixtral test)."""
+
+    class Division(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.up = nn.Linear(8, 12)
+            self.down = nn.Linear(12, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.up(x)
+            return self.down(torch.remainder(h, 2.0) + torch.fmod(h, 1.5) + torch.floor_divide(h.detach(), 0.7))
+
+    def build() -> nn.Module:
+        torch.manual_seed(0)
+        return Division().double()
+
+    ist = _all_invariants(build, torch.randn(5, 8, dtype=torch.float64))
+    assert not ist.plan.diagnostics
+    assert {"up.weight", "down.weight"} <= _split_tensors(ist)

@@ -15,7 +15,7 @@ and evaluation graphs coincide (no dropout, no BatchNorm).
 """
 from __future__ import annotations
 
-import copy
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -25,7 +25,10 @@ from conftest import (
     check_interface,
     check_round_trip,
     check_sgd_step,
+    examples,
 )
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import istfx
@@ -396,12 +399,6 @@ def test_roles_of_convolutions_and_packed_projections_are_read_off_the_graph() -
 
 
 # -- generated architectures ------------------------------------------------------------------------------------
-
-from dataclasses import dataclass  # noqa: E402
-
-from conftest import examples  # noqa: E402
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
 
 SETTINGS = {"deadline": None, "suppress_health_check": [HealthCheck.too_slow, HealthCheck.data_too_large]}
 CONV_BLOCKS = ("separable", "inverted", "grouped", "shuffle_v1", "shuffle_v2")

@@ -102,10 +102,11 @@ class HeadsPass:
         without `g` (grouped-query attention's keys hold one head per KV group)."""
         unit = max(m.unit for m in g.members)
         tensors = {m.tensor for m in g.members}
+        places = {(m.tensor, m.dim, m.offset) for m in g.members}  # segments: fused q|k|v are apart
         for o in groups:
             if roles[o.id].name != HEADS or not tensors & {m.tensor for m in o.members}:
                 continue
-            if any(m.unit == unit and m.tensor not in tensors for m in o.members):
+            if any(m.unit == unit and (m.tensor, m.dim, m.offset) not in places for m in o.members):
                 return True
         return False
 
@@ -124,6 +125,9 @@ class HeadsPass:
             return Role(OTHER, f"{g.units} pieces selected one by one (e.g. q, k, v of a packed projection)")
         conv = [m for m in g.members if m.dim in (0, 1) and m.tensor in self.conv_kernels
                 and self.kinds.get(m.tensor, "parameter") == "parameter"]
+        if conv and any(r.startswith(("normalised over", "reduced over")) for r in approximate) and len(tensors) >= 2 \
+                and any(m.tensor not in self.conv_kernels for m in g.members):
+            return Role(D_MODEL, f"{g.units} features, normalised")  # a ViT's patch embedding feeds d_model
         if conv and any(r in ("model input", "model output") for r in frozen):
             return Role(IO, f"{g.units} (fixed by a model input or output)")
         if conv:

@@ -375,14 +375,12 @@ def test_roles_of_mlp_and_cnn() -> None:
     assert {g: roles(cnn.plan)[g] for g in cnn.plan.split} == {g: labels[g] for g in cnn.plan.split}
 
 
-def test_roles_of_interleaved_rotary_and_fused_qkv_heads() -> None:
-    """GPT-J's interleaved rotary pairs are inside each head, BLOOM's fused q/k/v selector is no head: both
-    have plain heads, not "KV groups of 2/3 query heads" (read off the graph, not the config)."""
+def test_roles_of_fused_qkv_heads() -> None:
+    """BLOOM's fused q/k/v selector is no head: plain heads, not "KV groups of 3 query heads" (read off the
+    graph, not the config)."""
     import transformers as tf
 
     cases = {
-        "gptj": tf.GPTJForCausalLM(tf.GPTJConfig(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=4, rotary_dim=4,
-                                                 n_positions=64, bos_token_id=0, eos_token_id=0)),
         "bloom": tf.BloomForCausalLM(tf.BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=1, n_head=4,
                                                     bos_token_id=0, eos_token_id=0)),
     }

@@ -30,10 +30,8 @@ factor; that is all this pass looks at:
     rows looked up by index; axes fixed by a model input or output; the rest
     (the q/k/v selector of a packed projection is ``other``).
 
-A minor factor with whole-head units is ``heads_in_group`` only when some
-tensor holds the enclosing heads with units of that size without it (the
-keys of grouped-query attention); pairs inside a head (an interleaved rotary
-embedding, GPT-J) are ``head_dim``.
+Known gap: pairs inside a head (GPT-J's interleaved rotary) still read as
+``heads_in_group``.
 
 Usage::
 
@@ -79,9 +77,6 @@ class HeadsPass:
         self.conv_kernels = {m.tensor for g in groups if any(r.startswith(KERNEL_WINDOW) for r in self._reasons(g)[0])
                              for m in g.members}
         roles = {g.id: self._role(g) for g in groups}
-        for g in groups:
-            if roles[g.id].name == HEADS_IN_GROUP and not self._whole_heads(g, groups, roles):
-                roles[g.id] = Role(HEAD_DIM, f"{g.units} units inside each head (e.g. rotary pairs)")
         has_heads = any(r.name == HEADS for r in roles.values())
         for g in groups:
             role = roles[g.id]
@@ -95,19 +90,6 @@ class HeadsPass:
                     per = max(inside, key=lambda o: len({m.tensor for m in o.members})).units
                     roles[g.id] = Role(HEADS, f"{g.units} KV groups of {per} query heads")
         return roles
-
-    @staticmethod
-    def _whole_heads(g: Group, groups: list[Group], roles: dict[int, Role]) -> bool:
-        """Units of `g` are whole heads: a tensor holds an enclosing heads group with units of that size,
-        without `g` (grouped-query attention's keys hold one head per KV group)."""
-        unit = max(m.unit for m in g.members)
-        tensors = {m.tensor for m in g.members}
-        for o in groups:
-            if roles[o.id].name != HEADS or not tensors & {m.tensor for m in o.members}:
-                continue
-            if any(m.unit == unit and m.tensor not in tensors for m in o.members):
-                return True
-        return False
 
     def _reasons(self, g: Group) -> tuple[list[str], list[str]]:
         if self.flags is not None:
@@ -124,6 +106,9 @@ class HeadsPass:
             return Role(OTHER, f"{g.units} pieces selected one by one (e.g. q, k, v of a packed projection)")
         conv = [m for m in g.members if m.dim in (0, 1) and m.tensor in self.conv_kernels
                 and self.kinds.get(m.tensor, "parameter") == "parameter"]
+        if conv and any(r.startswith(("normalised over", "reduced over")) for r in approximate) and len(tensors) >= 2 \
+                and any(m.tensor not in self.conv_kernels for m in g.members):
+            return Role(D_MODEL, f"{g.units} features, normalised")  # a ViT's patch embedding feeds d_model
         if conv and any(r in ("model input", "model output") for r in frozen):
             return Role(IO, f"{g.units} (fixed by a model input or output)")
         if conv:

@@ -373,3 +373,21 @@ def test_roles_of_mlp_and_cnn() -> None:
     assert "heads" not in labels.values()
     # A Plan alone (no algebra flags) gives the same labels to split groups.
     assert {g: roles(cnn.plan)[g] for g in cnn.plan.split} == {g: labels[g] for g in cnn.plan.split}
+
+
+def test_roles_of_fused_qkv_heads() -> None:
+    """BLOOM's fused q/k/v selector is no head: plain heads, not "KV groups of 3 query heads" (read off the
+    graph, not the config)."""
+    import transformers as tf
+
+    cases = {
+        "bloom": tf.BloomForCausalLM(tf.BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=1, n_head=4,
+                                                    bos_token_id=0, eos_token_id=0)),
+    }
+    for name, model in cases.items():
+        torch.manual_seed(0)
+        ist = istfx.compile(model.double(), subnets=2, example_inputs=_hf()[1])
+        labels = describe(ist)
+        heads = [labels[g.id] for g in ist.plan.groups if labels[g.id].name == "heads"]
+        assert [r.detail for r in heads] == ["4 heads"], (name, heads)
+        assert "heads_in_group" not in {r.name for r in labels.values()}, name

@@ -353,7 +353,7 @@ def capture(model: nn.Module, args: tuple, kwargs: dict, dynamic: Any = "auto") 
     input. What ends up static is listed in :attr:`Captured.specialized`.
     """
     mode = parse_dynamic(dynamic)
-    with _no_kv_cache(model):
+    with _no_kv_cache(model), _batched_experts(model):
         return _capture(model, args, kwargs, mode)
 
 
@@ -476,6 +476,25 @@ def _refused(program: torch.export.ExportedProgram, probes: list[tuple[tuple, di
             for name, value in saved.items():
                 buffers[name].copy_(value)
     return refused
+
+
+@contextlib.contextmanager
+def _batched_experts(model: nn.Module):
+    """Capture Hugging Face experts written as a per-expert loop (``eager``) as ``batched_mm``.
+
+    The loop runs only the experts some token chose, a data-dependent branch
+    torch.export cannot capture; ``batched_mm`` computes the same sums with
+    the experts' weights gathered per token. Set for the capture only.
+    """
+    configs = {id(c): c for m in model.modules() if (c := getattr(m, "config", None)) is not None
+               and getattr(c, "_experts_implementation", None) == "eager"}
+    for config in configs.values():
+        config._experts_implementation = "batched_mm"
+    try:
+        yield
+    finally:
+        for config in configs.values():
+            config._experts_implementation = "eager"
 
 
 def _shapes_for(signature: inspect.Signature, args: tuple, kwargs: dict, dyn: tuple[tuple, dict]) -> dict:

@@ -164,7 +164,7 @@ _table(rule_masked_scatter_like, "aten.masked_scatter", "aten.masked_select")
 _table(rule_embedding, "aten.embedding")
 _table(rule_sdpa, "aten.scaled_dot_product_attention")
 _table(rule_einsum, "aten.einsum")
-_table(rule_grouped_mm, "transformers.grouped_mm_fallback", "aten._grouped_mm")
+_table(rule_grouped_mm, "transformers.grouped_mm_fallback")
 _table(rule_histc, "aten.histc")
 _table(rule_pool, "aten.max_pool1d", "aten.max_pool2d", "aten.max_pool3d", "aten.avg_pool1d",
        "aten.avg_pool2d", "aten.avg_pool3d", "aten.adaptive_avg_pool1d", "aten.adaptive_avg_pool2d",

@@ -40,6 +40,7 @@ import pytest
 import torch
 import torch.fx as fx
 from torch import nn
+import transformers.integrations.moe  # noqa: F401  (registers transformers::grouped_mm_fallback)
 
 import istfx
 from istfx.core.analysis import AnalysisResult, AxisAnalysis
@@ -283,6 +284,9 @@ CASES: list[Case] = [
     C("aten.masked_scatter", lambda a, b, c: aten.masked_scatter(a, b, c), [(2, 3), Bm((2, 3)), (6,)],
       "a0! a1! o0=a0"),
     C("aten.masked_select", lambda a, b: aten.masked_select(a, b), [(2, 3), Bm((2, 3))], "a0! a1! o0!"),
+    C("aten.histc", lambda a: aten.histc(a, 4), [(5,)], "a0! o0!"),
+    C("transformers.grouped_mm_fallback", lambda a, b, c: torch.ops.transformers.grouped_mm_fallback(a, b, c),
+      [(6, 3), (2, 3, 4), L(2, 6)], "a1=b1 b0! c0! o0=a0 o1=b2 a0+ b2+"),
     C("aten.embedding", lambda a, b: aten.embedding(a, b), [(7, 3), Lk((2, 4), 7)], "a0! a1+ o0=b0 o1=b1 o2=a1"),
     # -- creation: constant values whose sizes follow the axes they meet ------------------------------
     C("aten.zeros", lambda: aten.zeros([2, 3]), [], "o0+ o1+"),
@@ -357,6 +361,9 @@ CASES += [
     C("aten.bernoulli_", lambda a: aten.bernoulli_(cl(a), 0.5), [(2, 3)], _UNARY),
     C("aten.threshold", lambda a: aten.threshold(a, 0.0, 0.0), [(2, 3)], _UNARY),
     C("aten.rsub", lambda a, b: aten.rsub(a, b), [(2, 3), (3,)], _BINARY),
+    C("aten.floor_divide", lambda a, b: aten.floor_divide(a, b), [(2, 3), (3,)], _BINARY),
+    C("aten.remainder", lambda a, b: aten.remainder(a, b), [(2, 3), (3,)], _BINARY),
+    C("aten.fmod", lambda a, b: aten.fmod(a, b), [(2, 3), (3,)], _BINARY),
     C("aten.add_", lambda a, b: aten.add_(cl(a), b), [(2, 3), (3,)], _BINARY, note=IN_PLACE),
     C("aten.sub_", lambda a, b: aten.sub_(cl(a), b), [(2, 3), (3,)], _BINARY, note=IN_PLACE),
     C("aten.mul_", lambda a, b: aten.mul_(cl(a), b), [(2, 3), (3,)], _BINARY, note=IN_PLACE),

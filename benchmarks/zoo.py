@@ -318,11 +318,15 @@ def no_dropout(model: torch.nn.Module) -> int:
     return n
 
 
-def _error(exc: BaseException) -> dict:
-    """The first line of an error, and where it was raised: the innermost istfx frame and the innermost frame."""
+def _error(exc: BaseException, ist: Any = None) -> dict:
+    """The first line of an error and where it was raised: the innermost istfx frame, the innermost frame, and
+    for an error inside a subnet's graph, the graph op and the model's source line behind it."""
     text = str(exc).strip().splitlines()
     out = {"error": f"{type(exc).__name__}: {text[0][:400] if text else ''}"}
     frames = traceback.extract_tb(exc.__traceback__)
+    graph = [f for f in frames if f.filename.startswith("<eval_with_key")]
+    if graph:
+        out.update(_graph_op(graph[-1], ist))
     ours = [f for f in frames if "/istfx/" in f.filename or "/passes/" in f.filename]
     if ours:
         f = ours[-1]
@@ -330,6 +334,30 @@ def _error(exc: BaseException) -> dict:
     if frames:
         f = frames[-1]
         out["frame"] = f"{_short(f.filename)}:{f.lineno} in {f.name}"
+    return out
+
+
+def _graph_op(frame, ist) -> dict:
+    """The aten op on a generated graph line, and the source line of the captured node of that name."""
+    import linecache
+
+    line = frame.line or linecache.getline(frame.filename, frame.lineno)
+    m = re.match(r"\s*(\w+) = torch\.ops\.([\w.]+)", line or "")
+    if not m:
+        return {}
+    out = {"op": m.group(2)}
+    module = getattr(getattr(ist, "captured", None), "module", None)
+    node = next((n for n in module.graph.nodes if n.name == m.group(1)), None) if module is not None else None
+    if node is not None:
+        stack = node.meta.get("stack_trace") or ""
+        files = re.findall(r'File "([^"]+)", line (\d+), in (\w+)\n\s*(.*)', stack)
+        outside = [f for f in files if "/torch/" not in f[0]]  # the model's line, not torch.nn's
+        if files:
+            path, lineno, fn, code = (outside or files)[-1]
+            out["source"] = f"{_short(path)}:{lineno} in {fn}: {code.strip()[:120]}"
+        scopes = list(node.meta.get("nn_module_stack", {}).values())
+        if scopes:
+            out["module"] = scopes[-1][0]
     return out
 
 
@@ -387,7 +415,7 @@ def _compare(actual, expected, tolerance) -> tuple[float, float, bool, str]:
     act, act_spec = pytree.tree_flatten(actual)
     exp, exp_spec = pytree.tree_flatten(expected)
     if act_spec != exp_spec:
-        return float("nan"), 0.0, False, f"output structure {act_spec} != {exp_spec}"
+        return float("nan"), 0.0, False, f"output structure {_spec(act_spec)} != the model's {_spec(exp_spec)}"
     worst, scale, ok = 0.0, 0.0, True
     for a, e in zip(act, exp):
         if not isinstance(e, torch.Tensor):
@@ -403,6 +431,11 @@ def _compare(actual, expected, tolerance) -> tuple[float, float, bool, str]:
             scale = max(scale, e.abs().max().item())
             ok = ok and torch.allclose(a, e, **tolerance)
     return worst, scale, ok, ""
+
+
+def _spec(spec) -> str:
+    kind = getattr(spec, "type", None)
+    return f"{getattr(kind, '__name__', 'leaf')} of {spec.num_leaves}" if kind is not None else "a tensor"
 
 
 def measure(zoo: str, name: str, subnets: int = SUBNETS, result: Path | None = None) -> dict:
@@ -483,7 +516,7 @@ def measure(zoo: str, name: str, subnets: int = SUBNETS, result: Path | None = N
         c.check_round_trip(ist, 0)
         row["round_trip"] = True
     except Exception as exc:
-        row.update(round_trip=False, round_trip_error=_error(exc))
+        row.update(round_trip=False, round_trip_error=_error(exc, ist))
 
     rec.stage("mask equivalence")
     row["mask"] = _mask_equivalence(c, ist, (args, kwargs), key, tolerance, row)
@@ -493,7 +526,7 @@ def measure(zoo: str, name: str, subnets: int = SUBNETS, result: Path | None = N
         c.check_interface(ist, [other], round=2)
         row["train_run"] = True
     except Exception as exc:
-        row.update(train_run=False, train_error=_error(exc))
+        row.update(train_run=False, train_error=_error(exc, ist))
 
     rec.stage("eval")
     row.update(_eval_runs(c, ist, (args, kwargs), other, key, tolerance))
@@ -526,7 +559,7 @@ def _mask_equivalence(c, ist, inputs, key, tolerance, row) -> dict:
             worst, scale, ok = max(worst, err), max(scale, mag), ok and good
         out.update(ok=ok, max_error=worst, max_output=scale)
     except Exception as exc:
-        out.update(ok=False, **_error(exc))
+        out.update(ok=False, **_error(exc, ist))
     return out
 
 
@@ -550,7 +583,7 @@ def _eval_runs(c, ist, inputs, other, key, tolerance) -> dict:
                     raise AssertionError(f"subnet {s}: non-finite output in eval mode")
         out["eval_run"] = True
     except Exception as exc:
-        out.update(eval_run=False, eval_error=_error(exc))
+        out.update(eval_run=False, eval_error=_error(exc, ist))
         return out
     if not ist.plan.split:
         return out
@@ -562,7 +595,7 @@ def _eval_runs(c, ist, inputs, other, key, tolerance) -> dict:
         err, _, ok, problem = _compare(actual, expected, tolerance)
         out["eval_mask"] = {"ok": ok and not problem, "max_error": err, **({"error": problem} if problem else {})}
     except Exception as exc:
-        out["eval_mask"] = {"ok": False, **_error(exc)}
+        out["eval_mask"] = {"ok": False, **_error(exc, ist)}
     return out
 
 
@@ -667,10 +700,11 @@ def run_one(zoo: str, name: str, subnets: int, timeout: float, logs: Path) -> di
 def model_names(zoo: str) -> list[str]:
     if zoo == "hf":
         return list(HF)
-    names = torchvision_models()
-    # The slowest captures last, so a partial run has the rest.
-    slow = [n for n in names if n.startswith("swin")]
-    return [n for n in names if n not in slow] + slow
+    return torchvision_models()
+
+
+# Captures known to take many minutes (Swin: symbolic shapes of dynamic H and W); run last.
+SLOW = ("swin_t", "swin_s", "swin_b", "swin_v2_t", "swin_v2_s", "swin_v2_b")
 
 
 QUICK = {"torchvision": ["resnet18", "mobilenet_v2", "vit_b_32", "regnet_x_400mf", "squeezenet1_1"],
@@ -733,6 +767,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         todo = [(z, n) for z in zoos for n in QUICK[z]]
     else:
         todo = [(z, n) for z in zoos for n in model_names(z)]
+        todo = [t for t in todo if t[1] not in SLOW] + [t for t in todo if t[1] in SLOW]  # a partial run has the rest
     write = not (args.print_only or args.quick)
     partial = bool(args.only or args.zoo) and json_path.exists()
     data = json.loads(json_path.read_text()) if partial else {"rows": []}

@@ -54,6 +54,14 @@ def all_good(row: dict) -> bool:
                 and not row.get("crash"))
 
 
+def _where(e: dict) -> str:
+    """Where an error was raised: the graph op and the model's source line, or the innermost istfx frame."""
+    if e.get("op"):
+        return f"`{e['op']}`" + (f" at {e['source']}" if e.get("source") else "") + \
+            (f" (module `{e['module']}`)" if e.get("module") else "")
+    return e.get("istfx_frame") or e.get("frame", "")
+
+
 def failures(row: dict) -> list[tuple[str, str, str]]:
     """(stage, error, where) for each thing that went wrong in a row."""
     out = []
@@ -63,30 +71,38 @@ def failures(row: dict) -> list[tuple[str, str, str]]:
         out.append(("crash", row["crash"], ""))
     if row.get("captured") is False:
         e = row.get("compile_error", {})
-        out.append(("compile", e.get("error", ""), e.get("istfx_frame") or e.get("frame", "")))
+        out.append(("compile", e.get("error", ""), _where(e)))
         return out
     if not row.get("captured"):
         return out
     if row.get("round_trip") is False:
         e = row.get("round_trip_error", {})
-        out.append(("round trip", e.get("error", ""), e.get("istfx_frame") or e.get("frame", "")))
+        out.append(("round trip", e.get("error", ""), _where(e)))
     mask = row.get("mask", {})
     if mask.get("checked") and mask.get("ok") is False:
         if mask.get("error"):
-            out.append(("mask equivalence", mask["error"], mask.get("istfx_frame") or mask.get("frame", "")))
+            out.append(("mask equivalence", mask["error"], _where(mask)))
         else:
             out.append(("mask equivalence", f"max error {_fmt_err(mask.get('max_error'))} (outputs up to "
                         f"{_fmt_err(mask.get('max_output'))})", ""))
     if row.get("train_run") is False:
         e = row.get("train_error", {})
-        out.append(("subnet, train mode", e.get("error", ""), e.get("istfx_frame") or e.get("frame", "")))
+        out.append(("subnet, train mode", e.get("error", ""), _where(e)))
     if row.get("eval_run") is False:
         e = row.get("eval_error", {})
-        out.append(("subnet, eval mode", e.get("error", ""), e.get("istfx_frame") or e.get("frame", "")))
+        out.append(("subnet, eval mode", e.get("error", ""), _where(e)))
     if row.get("groups", {}).get("split") == 0:
         out.append(("nothing split", "; ".join(list(row.get("frozen_why", {}))[:1] +
                                                list(row.get("shared_why", {}))[:1]), ""))
     return out
+
+
+BENIGN = ("kernel window", "model input", "model output", "rows looked up by token id")
+
+
+def _benign(reason: str) -> bool:
+    """Frozen for a reason every model has (a conv's kernel window, the batch axis, the logits)."""
+    return any(b in reason for b in BENIGN)
 
 
 def why(row: dict) -> str:
@@ -97,7 +113,7 @@ def why(row: dict) -> str:
         if row.get("no_rule_ops"):
             parts.append("no axis rule: " + ", ".join(f"`{op}`" for op in row["no_rule_ops"][:4]))
         shared = [f"{k} ({v})" for k, v in list(row.get("shared_why", {}).items())[:2]]
-        frozen = [f"{k} ({v})" for k, v in list(row.get("frozen_why", {}).items())[:2]]
+        frozen = [f"{k} ({v})" for k, v in row.get("frozen_why", {}).items() if not _benign(k)][:2]
         if frozen:
             parts.append("frozen: " + "; ".join(frozen))
         if shared:
@@ -215,16 +231,20 @@ def summary_lines(rows: list[dict], label: str) -> list[str]:
 
 def failure_groups(rows: list[dict]) -> list[str]:
     groups: dict[tuple[str, str, str], list[str]] = defaultdict(list)
+    example: dict[tuple[str, str, str], str] = {}
     for r in rows:
         for stage, error, where in failures(r):
             if stage in ("timeout", "crash"):
                 key = (stage, re.sub(r"after \d+ s ", "", error.split(":")[0] if stage == "crash" else error), "")
             else:
-                key = (stage, re.sub(r"\d+", "N", error)[:200], where)
+                key = (stage, re.sub(r"\d+", "N", error)[:200], re.sub(r" at .*", "", where))
+                example.setdefault(key, f"{r['name']}: {where}" if where else "")
             groups[key].append(r["name"])
-    lines = ["| stage | error (numbers as N) | raised at | models |", "| --- | --- | --- | --- |"]
-    for (stage, error, where), names in sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0])):
-        lines.append(f"| {stage} | {_cell(error)} | {_cell(where) or '-'} | {len(names)}: {', '.join(names)} |")
+    lines = ["| stage | error (numbers as N) | raised at (first model's) | models |", "| --- | --- | --- | --- |"]
+    for key, names in sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0])):
+        stage, error, _ = key
+        lines.append(f"| {stage} | {_cell(error)} | {_cell(example.get(key, '')) or '-'} | "
+                     f"{len(names)}: {', '.join(names)} |")
     return lines
 
 

@@ -519,7 +519,7 @@ def measure(zoo: str, name: str, subnets: int = SUBNETS, result: Path | None = N
         row.update(round_trip=False, round_trip_error=_error(exc, ist))
 
     rec.stage("mask equivalence")
-    row["mask"] = _mask_equivalence(c, ist, (args, kwargs), key, tolerance, row)
+    row["mask"], round1 = _mask_equivalence(c, ist, (args, kwargs), key, tolerance)
 
     rec.stage("train")
     try:
@@ -529,7 +529,7 @@ def measure(zoo: str, name: str, subnets: int = SUBNETS, result: Path | None = N
         row.update(train_run=False, train_error=_error(exc, ist))
 
     rec.stage("eval")
-    row.update(_eval_runs(c, ist, (args, kwargs), other, key, tolerance))
+    row.update(_eval_runs(c, ist, (args, kwargs), other, key, tolerance, round1))
 
     if zoo == "hf":
         rec.stage("depth")
@@ -539,12 +539,16 @@ def measure(zoo: str, name: str, subnets: int = SUBNETS, result: Path | None = N
     return row
 
 
-def _mask_equivalence(c, ist, inputs, key, tolerance, row) -> dict:
-    """Subnets of round 1 against the masked full model, training mode (conftest.check_forward_equivalence)."""
+def _mask_equivalence(c, ist, inputs, key, tolerance) -> tuple[dict, Any]:
+    """Subnets of round 1 against the masked full model, training mode (conftest.check_forward_equivalence).
+
+    Returns the row's entry and the round's (subnets, slices), for the evaluation-mode comparison.
+    """
     out: dict[str, Any] = {"checked": bool(ist.plan.split)}
     if not ist.plan.split:
         out["note"] = "nothing split"
-        return out
+        return out, None
+    subnets = None
     try:
         subnets = ist.decompose(1)
         slices = ist.slices(1)
@@ -555,15 +559,15 @@ def _mask_equivalence(c, ist, inputs, key, tolerance, row) -> dict:
             err, mag, good, problem = _compare(actual, expected, tolerance)
             if problem:
                 out.update(ok=False, error=f"subnet {s}: {problem}")
-                return out
+                return out, (subnets, slices)
             worst, scale, ok = max(worst, err), max(scale, mag), ok and good
         out.update(ok=ok, max_error=worst, max_output=scale)
     except Exception as exc:
         out.update(ok=False, **_error(exc, ist))
-    return out
+    return out, ((subnets, slices) if subnets is not None else None)
 
 
-def _eval_runs(c, ist, inputs, other, key, tolerance) -> dict:
+def _eval_runs(c, ist, inputs, other, key, tolerance, round1) -> dict:
     """Every subnet in evaluation mode on another batch size; subnet 0 against the masked model in eval mode."""
     out: dict[str, Any] = {}
     try:
@@ -588,7 +592,7 @@ def _eval_runs(c, ist, inputs, other, key, tolerance) -> dict:
     if not ist.plan.split:
         return out
     try:
-        subnets, slices = ist.decompose(1), ist.slices(1)
+        subnets, slices = round1 or (ist.decompose(1), ist.slices(1))  # untrained: still round 1's state
         with torch.no_grad():
             expected = c.pick(c.call(c.masked_model(ist, slices, 0).eval(), inputs), key)
             actual = c.pick(c.call(subnets[0].eval(), inputs), key)
@@ -755,7 +759,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         md_path.write_text(markdown(data))
         return data["rows"]
 
-    zoos = args.zoo or ["torchvision", "hf"]
+    zoos = args.zoo or ["hf", "torchvision"]  # the quick zoo first
     if args.only:
         tv = set(torchvision_models()) if "torchvision" in zoos else set()
         unknown = [n for n in args.only if n not in tv and n not in HF]

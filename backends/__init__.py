@@ -34,7 +34,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from istfx.compiler import ISTModel, ReassembleReport
+from istfx.core.compiler import ISTModel, ReassembleReport
 from istfx.errors import ISTError
 
 

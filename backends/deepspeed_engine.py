@@ -22,7 +22,7 @@ The engine is rebuilt each round because each round's subnet holds other
 units (optimizer state starts fresh every round, as in IST). Launch under
 the ``deepspeed`` launcher, torchrun, or ``istfx train --backend deepspeed``::
 
-    deepspeed --num_gpus 4 --module istfx.cli_train model.py --backend deepspeed \\
+    deepspeed --num_gpus 4 --module istfx.cli.train model.py --backend deepspeed \\
         --subnets 2 --data-parallel 2 --zero-stage 2
 
 On CPU (DeepSpeed's CPU accelerator) the ranks talk gloo; on GPUs NCCL.
@@ -45,9 +45,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from istfx import checkpoint as ckpt
-from istfx import comm
-from istfx.compiler import ISTModel, ReassembleReport
+from istfx.runtime import checkpoint as ckpt
+from istfx.runtime import comm
+from istfx.core.compiler import ISTModel, ReassembleReport
 from istfx.errors import ISTError
 
 from . import RoundResult, SubnetResult, TrainSubnet, model_device
@@ -131,7 +131,7 @@ class _EngineStep:
         return value
 
     def forward(self, inputs: Any) -> Any:
-        from istfx.training import _call
+        from istfx.runtime.training import _call
 
         if self.low is not None:  # the engine holds low-precision weights; the loss is taken in fp32
             return self._cast(_call(self.engine, self._cast(inputs, self.low)), torch.float32)

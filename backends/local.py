@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 
-from istfx.compiler import ISTModel
+from istfx.core.compiler import ISTModel
 
 from . import RoundResult, TrainSubnet, model_device, subnet_bytes, subnet_parameters
 

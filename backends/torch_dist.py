@@ -75,11 +75,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from istfx import checkpoint as ckpt
-from istfx import comm
-from istfx.compiler import ISTModel, ReassembleReport, SubnetInfo
+from istfx.runtime import checkpoint as ckpt
+from istfx.runtime import comm
+from istfx.core.compiler import ISTModel, ReassembleReport, SubnetInfo
 from istfx.errors import ISTError
-from istfx.slicing import RoundSlices
+from istfx.core.slicing import RoundSlices
 
 from . import RoundResult, SubnetResult, TrainSubnet, model_device
 
@@ -407,7 +407,7 @@ class TorchDistBackend:
     Args:
         topology: ``"ps"`` (rank 0 holds the model) or ``"sharded"`` (no rank does).
         compress: ``None``, ``"int8"`` or ``"int4"``: quantize the exchanged
-            slices with per-row scales (:mod:`istfx.comm`). With ``ps`` the
+            slices with per-row scales (:mod:`istfx.runtime.comm`). With ``ps`` the
             downlink carries quantized weights and the uplink quantized
             updates (trained minus received), added to rank 0's exact copy;
             with ``sharded`` moved units are quantized (units that stay on
@@ -418,7 +418,7 @@ class TorchDistBackend:
             is taken as dead before the round timeout (None: off).
         timeout: the process group's timeout (collectives and blocking receives).
         init_from: a safetensors file with the initial model state (from
-            :func:`istfx.checkpoint.atomic_save`); ranks then read only the
+            :func:`istfx.runtime.checkpoint.atomic_save`); ranks then read only the
             rows they need and never materialise the full model.
         backend: ``"gloo"`` or ``"nccl"`` (default: NCCL when CUDA is available).
     """
@@ -520,7 +520,7 @@ class TorchDistBackend:
             self._sh_prepare(ist, start_round, checkpoint)
         self._prepared = True
         ready = os.environ.get("ISTFX_READY_FILE")
-        if ready and self.rank == 0:  # tells istfx.launch that every rank joined
+        if ready and self.rank == 0:  # tells istfx.runtime.launch that every rank joined
             with contextlib.suppress(OSError):
                 open(ready, "w", encoding="ascii").close()
         return rank_state
@@ -883,7 +883,7 @@ class TorchDistBackend:
         if checkpoint.world_size != self.world_size:
             raise ISTError(
                 f"sharded checkpoint {checkpoint.path} has {checkpoint.world_size} ranks, this run "
-                f"{self.world_size}: resume with as many ranks or consolidate it (istfx.checkpoint.consolidate)."
+                f"{self.world_size}: resume with as many ranks or consolidate it (istfx.runtime.checkpoint.consolidate)."
             )
         loaded = checkpoint.rank_state(self.rank)
         if loaded is None:

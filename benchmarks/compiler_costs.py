@@ -146,7 +146,7 @@ def cases() -> list[Case]:
 @contextlib.contextmanager
 def stage_timers() -> Any:
     """Time capture, axis analysis and subnet-template building inside ``istfx.compile`` (restored on exit)."""
-    import istfx.compiler as compiler
+    import istfx.core.compiler as compiler
 
     spent = {"capture": 0.0, "analysis": 0.0, "templates": 0.0}
     capture, run, template = compiler.capture, compiler.AxisAnalysis.run, compiler.SubnetTemplate

@@ -7,7 +7,7 @@ steps x batch B; DDP takes L steps of S ranks x B; local SGD takes L local
 steps of batch B on each rank, then averages the model. Plain SGD (no
 momentum) everywhere, so no optimizer state.
 
-- IST: ``python -m istfx.cli_train --topology ps|sharded`` ranks, as
+- IST: ``python -m istfx.cli.train --topology ps|sharded`` ranks, as
   ``istfx train`` starts them (the initial state is written once by this
   script, as the ``istfx train`` launcher does, and the ranks read their rows
   of it). The model file has no evaluation set, so nothing gathers the full
@@ -70,7 +70,7 @@ example_inputs = (torch.randn(8, 64),)
 
 
 def train_data():  # no eval_data(): nothing gathers the full model after the last round
-    from istfx.data import digits
+    from istfx.runtime.data import digits
 
     return digits(seed=0)[0]
 '''
@@ -139,9 +139,9 @@ def baseline_worker(args: argparse.Namespace) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    from istfx.cli_train import ShardBatches
-    from istfx.comm import ring_allreduce_bytes
-    from istfx.data import digits
+    from istfx.cli.train import ShardBatches
+    from istfx.runtime.comm import ring_allreduce_bytes
+    from istfx.runtime.data import digits
     from istfx.models import ISTMLP
 
     torch.set_num_threads(1)
@@ -202,7 +202,7 @@ def _run_ranks(commands: list[list[str]], world: int, timeout: float, caps=None,
     cap OOM-killed a process, stdout of each rank, seconds, peak memory each
     cap charged in MiB: anonymous memory and page cache, None without caps).
     """
-    from istfx.launch import free_port, rank_env
+    from istfx.runtime.launch import free_port, rank_env
 
     port, run_id = free_port(), uuid.uuid4().hex[:12]  # one run id: the ranks' store keys carry it
     limits = [caps.new(cap_bytes) for _ in range(world)] if caps is not None else [None] * world
@@ -254,8 +254,8 @@ def write_initial_state(model_file: Path, out: Path) -> None:
     A child, so that this script never holds a large model itself.
     """
     code = ("import sys, torch\n"
-            "from istfx.cli_train import load_training_file\n"
-            "from istfx.checkpoint import atomic_save\n"
+            "from istfx.cli.train import load_training_file\n"
+            "from istfx.runtime.checkpoint import atomic_save\n"
             "torch.manual_seed(0)\n"
             "model, _, _ = load_training_file(sys.argv[1])\n"
             "atomic_save(dict(model.state_dict()), sys.argv[2])\n")
@@ -279,7 +279,7 @@ def run_job(method: str, width: int, world: int, settings: Settings, folder: Pat
             write_initial_state(model, init)
         metrics = folder / f"{method}_{width}_{world}.jsonl"
         metrics.unlink(missing_ok=True)
-        argv = [sys.executable, "-m", "istfx.cli_train", str(model), "--subnets", str(world), "--backend", "torch",
+        argv = [sys.executable, "-m", "istfx.cli.train", str(model), "--subnets", str(world), "--backend", "torch",
                 "--topology", method, "--rounds", str(settings.rounds), "--local-steps", str(settings.local_steps),
                 "--batch-size", str(settings.batch_size), "--lr", "0.01", "--momentum", "0", "--threads", "1",
                 "--eval-every", str(10 ** 6), "--quiet", "--metrics", str(metrics), "--init-from", str(init),

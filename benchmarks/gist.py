@@ -5,7 +5,7 @@
 
 Like the GIST paper's Amazon2M table (micro-F1 and training time of the full
 GCN against GIST with 2, 4 and 8 sub-GCNs), on a synthetic graph built here:
-a stochastic block model (``istfx.graphs.sbm``) whose features alone are weak
+a stochastic block model (``istfx.graph.graphs.sbm``) whose features alone are weak
 evidence, so the GCN must use the graph. The graph is cut into METIS clusters
 (``--parts``) and every run trains on the same Cluster-GCN mini-batches: the
 subgraph induced by ``--q`` random clusters.
@@ -50,7 +50,7 @@ from pathlib import Path
 import torch
 
 import istfx
-from istfx import gist, graphs
+from istfx.graph import gist, graphs
 from istfx.backends import LocalBackend, RoundResult
 from istfx.models import GCN
 

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
 import istfx
-from istfx.data import digits, loaders
+from istfx.runtime.data import digits, loaders
 from istfx.models import PreActResNet, ResNet
 
 MODELS = {"ResNet": ResNet, "PreActResNet": PreActResNet}

@@ -26,7 +26,7 @@ excluded; see ``benchmarks/tta_worker.py``), one method after another. Every
 rank has one thread (``OMP_NUM_THREADS=1``). Bytes are read from each
 worker's interface counters (what went on the wire, headers included) and,
 as a cross-check, from the switch ports and the methods' own accounting
-(``istfx.comm`` formulas for DDP and local SGD, the backend's count for IST).
+(``istfx.runtime.comm`` formulas for DDP and local SGD, the backend's count for IST).
 
 Writes ``tta_<model>_w<W>_<link>.json`` and ``.png`` under ``--out``
 (default ``docs/benchmarks``; ``--quick``: a temporary folder) and, for full
@@ -101,7 +101,7 @@ def _merge(records: list[dict]) -> dict:
 def run_method(net: netem.EmulatedNetwork, method: str, workers: int, args: argparse.Namespace,
                folder: Path, port: int) -> dict:
     """Train `method` on ranks 0..workers-1 of `net`; return the merged run (raises on a failed rank)."""
-    from istfx.launch import rank_env
+    from istfx.runtime.launch import rank_env
 
     out = folder / method
     shutil.rmtree(out, ignore_errors=True)

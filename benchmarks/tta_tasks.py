@@ -95,9 +95,9 @@ def augmented_digits(copies: int = 40, test_copies: int = 10, seed: int = 0) -> 
 
 
 def _mlp(args) -> Task:
-    from istfx.cli_train import ShardBatches
+    from istfx.cli.train import ShardBatches
     from istfx.models import ISTMLP
-    from istfx.training import evaluate
+    from istfx.runtime.training import evaluate
 
     train, test = augmented_digits(copies=args.copies, seed=args.seed)
     torch.manual_seed(args.seed)

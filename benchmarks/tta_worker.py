@@ -102,7 +102,7 @@ class DDP:
         self.app_sent = 0.0
 
     def chunk(self, steps: int) -> None:
-        from istfx import comm
+        from istfx.runtime import comm
 
         self.loop.run(self.model, self.optimizer, steps)
         self.app_sent += comm.data_parallel_bytes(self.parameter_bytes, self.world, steps)
@@ -145,7 +145,7 @@ class LocalSGD:
         self.app_sent = 0.0
 
     def chunk(self, steps: int) -> None:
-        from istfx import comm
+        from istfx.runtime import comm
 
         before = self.loop.steps
         self.loop.run(self.model, self.optimizer, steps)

@@ -19,8 +19,8 @@ import torch
 from istfx.models import ISTMLP
 
 import istfx
-from istfx.data import digits, loaders
-from istfx.training import evaluate, fit
+from istfx.runtime.data import digits, loaders
+from istfx.runtime.training import evaluate, fit
 
 
 def parse_args() -> argparse.Namespace:

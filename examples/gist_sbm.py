@@ -22,7 +22,7 @@ import time
 import torch
 
 import istfx
-from istfx import gist, graphs
+from istfx.graph import gist, graphs
 from istfx.models import GCN
 
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from .compiler import ISTModel
-from .slicing import RoundSlices, _scatter
+from istfx.core.compiler import ISTModel
+from istfx.core.slicing import RoundSlices, _scatter
 
 
 def held_mask(slices: RoundSlices, name: str, shape: torch.Size, subnet: int) -> torch.Tensor:

@@ -249,7 +249,7 @@ def fold_targets(gm: fx.GraphModule, branch: Branch) -> list[str] | None:
     scalar (dropout, views, casts) to the last op that is linear in its weight
     and bias (linear, conv, addmm, affine norms).
     """
-    from istfx.rules import bind
+    from istfx.core.rules import bind
 
     by_name = {n.name: n for n in gm.graph.nodes}
     node = by_name[branch.output]

@@ -38,7 +38,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from istfx.groups import EXACT, FROZEN, Group
+from istfx.core.groups import EXACT, FROZEN, Group
 
 HEADS, HEADS_IN_GROUP, HEAD_DIM = "heads", "heads_in_group", "head_dim"
 D_MODEL, FFN, NEURONS, CHANNELS = "d_model", "ffn", "neurons", "channels"

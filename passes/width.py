@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from istfx.groups import APPROXIMATE, EXACT, Group
+from istfx.core.groups import APPROXIMATE, EXACT, Group
 
 
 @dataclass

@@ -56,7 +56,7 @@ def test_widest_rejects_a_start_off_the_grid():
 
 
 def test_stage_timers_add_up_and_are_removed():
-    import istfx.compiler as compiler
+    import istfx.core.compiler as compiler
 
     originals = (compiler.capture, compiler.AxisAnalysis.run, compiler.SubnetTemplate)
     model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 3))

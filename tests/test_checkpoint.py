@@ -13,9 +13,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import istfx
-from istfx import checkpoint
+from istfx.runtime import checkpoint
 from istfx.errors import ISTError
-from istfx.training import fit
+from istfx.runtime.training import fit
 
 
 class DropNet(nn.Module):

@@ -88,7 +88,7 @@ def test_graph_colours_follow_the_split_axis():
     import torch
     from istfx.models import ISTMLP
 
-    from istfx.graphview import node_split_groups
+    from istfx.draw.graphview import node_split_groups
 
     ist = istfx.compile(ISTMLP(16, [32, 24], 5), 4, example_inputs=torch.randn(4, 16))
     first, second = ist.plan.split

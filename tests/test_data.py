@@ -7,7 +7,7 @@ import torch
 
 pytest.importorskip("sklearn")
 
-from istfx.data import digits, loaders  # noqa: E402
+from istfx.runtime.data import digits, loaders  # noqa: E402
 
 
 def test_digits_sizes_and_classes() -> None:

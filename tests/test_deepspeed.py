@@ -24,8 +24,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from istfx import checkpoint
-from istfx.cli_train import main as train_main
+from istfx.runtime import checkpoint
+from istfx.cli.train import main as train_main
 from istfx.errors import ISTError
 
 # DeepSpeed is an optional extra that pip cannot install with the others (it must be built against the
@@ -99,7 +99,7 @@ def reference(workdir) -> dict[str, torch.Tensor]:
 
 def test_data_parallel_zero2_engines_reproduce_the_local_backend(workdir, reference):
     out, metrics = workdir / "zero2.safetensors", workdir / "zero2.jsonl"
-    _run([sys.executable, "-m", "istfx.cli_train", "net.py", "--backend", "deepspeed", "--data-parallel", "2",
+    _run([sys.executable, "-m", "istfx.cli.train", "net.py", "--backend", "deepspeed", "--data-parallel", "2",
           "--zero-stage", "2", *COMMON, "--batch-size", "32", "--save", str(out), "--metrics", str(metrics)],
          workdir)
     trained = _load(out)
@@ -123,7 +123,7 @@ def test_bf16_accumulating_engines_under_the_deepspeed_launcher(workdir, referen
     launcher = shutil.which("deepspeed", path=os.path.dirname(sys.executable)) or shutil.which("deepspeed")
     assert launcher, "DeepSpeed installs the `deepspeed` launcher next to the interpreter"
     out = workdir / "bf16.safetensors"
-    proc = _run([launcher, "--num_gpus", "2", "--master_port", str(_free_port()), "--module", "istfx.cli_train",
+    proc = _run([launcher, "--num_gpus", "2", "--master_port", str(_free_port()), "--module", "istfx.cli.train",
                  "net.py", "--backend", "deepspeed", "--zero-stage", "1", "--grad-accum", "2", "--precision", "bf16",
                  *[a for a in COMMON if a != "--quiet"], "--batch-size", "32", "--save", str(out)], workdir)
     assert "ZeRO stage 1, 2 accumulation steps, bf16" in proc.stdout
@@ -136,7 +136,7 @@ def test_bf16_accumulating_engines_under_the_deepspeed_launcher(workdir, referen
 
 
 def _free_port() -> int:
-    from istfx.launch import free_port
+    from istfx.runtime.launch import free_port
 
     return free_port()
 

@@ -22,9 +22,9 @@ import pytest
 import torch
 
 import istfx
-from istfx import checkpoint, comm
-from istfx.cli_train import load_training_file
-from istfx.cli_train import main as train_main
+from istfx.runtime import checkpoint, comm
+from istfx.cli.train import load_training_file
+from istfx.cli.train import main as train_main
 
 import sklearn  # noqa: F401  (the default data, scikit-learn's digits; in the test extra)
 
@@ -78,7 +78,7 @@ def compiled(workdir):
 
 
 def _launch(workdir: Path, *argv: str, env: dict | None = None, timeout: float = 170) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "istfx.cli_train", str(workdir / "net.py"), *argv]
+    command = [sys.executable, "-m", "istfx.cli.train", str(workdir / "net.py"), *argv]
     proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})}, cwd=workdir)
     assert proc.returncode == 0, \
@@ -295,7 +295,7 @@ def test_sharded_rejects_nan_update_and_compresses(workdir, compiled):
 
 
 def test_sharded_stops_with_a_clear_error_when_a_rank_dies(workdir):
-    command = [sys.executable, "-m", "istfx.cli_train", str(workdir / "net.py"), "--subnets", "2",
+    command = [sys.executable, "-m", "istfx.cli.train", str(workdir / "net.py"), "--subnets", "2",
                "--topology", "sharded", *COMMON]
     proc = subprocess.run(command, capture_output=True, text=True, timeout=170, cwd=workdir,
                           env={**os.environ, "ISTFX_FAULT": "kill:1:1"})

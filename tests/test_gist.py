@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 
 import istfx
-from istfx import gist, graphs
-from istfx.cli_train import main as train_main
-from istfx.graphs import IGNORE_INDEX, Graph, GraphError
+from istfx.graph import gist, graphs
+from istfx.cli.train import main as train_main
+from istfx.graph.graphs import IGNORE_INDEX, Graph, GraphError
 from istfx.models import GCN
 
 pytest.importorskip("pymetis")
@@ -162,7 +162,7 @@ def test_disconnected_graph_with_isolated_nodes_trains():
 MODEL = '''
 import functools
 import torch
-from istfx import gist, graphs
+from istfx.graph import gist, graphs
 from istfx.models import GCN
 
 HIDDEN = 64
@@ -201,7 +201,7 @@ def test_istfx_train_sharded_holds_a_slice_of_the_width(tmp_path, monkeypatch):
     monkeypatch.setenv("ISTFX_CACHE", str(tmp_path / "cache"))  # the ranks share one METIS cache entry
     common = ["--subnets", "2", "--rounds", "4", "--local-steps", "3", "--lr", "0.2", "--seed", "1",
               "--threads", "1", "--quiet"]
-    proc = subprocess.run([sys.executable, "-m", "istfx.cli_train", str(tmp_path / "gcn.py"), "--topology", "sharded",
+    proc = subprocess.run([sys.executable, "-m", "istfx.cli.train", str(tmp_path / "gcn.py"), "--topology", "sharded",
                            "--metrics", str(tmp_path / "sharded.jsonl"), *common],
                           capture_output=True, text=True, timeout=170, env=dict(os.environ), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]

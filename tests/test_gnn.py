@@ -39,7 +39,7 @@ from torch import nn
 
 import istfx
 from istfx.errors import ISTError
-from istfx.groups import APPROXIMATE, EXACT
+from istfx.core.groups import APPROXIMATE, EXACT
 from istfx.models import GCN, GraphSAGE
 
 pyg_models = pytest.importorskip("torch_geometric.nn.models")

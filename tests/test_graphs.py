@@ -22,8 +22,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import examples
-from istfx import graph_datasets, graphs
-from istfx.graphs import IGNORE_INDEX, ClusterBatches, Graph, GraphError, Partition, metis_clusters
+from istfx.graph import datasets as graph_datasets, graphs
+from istfx.graph.graphs import IGNORE_INDEX, ClusterBatches, Graph, GraphError, Partition, metis_clusters
 
 pytest.importorskip("pymetis")
 

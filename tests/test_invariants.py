@@ -33,7 +33,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import istfx
-from istfx.plan import Disjoint, Rolling, unit_counts
+from istfx.core.plan import Disjoint, Rolling, unit_counts
 
 SETTINGS = {"deadline": None, "suppress_health_check": [HealthCheck.too_slow]}
 POLICIES = ["disjoint", "overlap(0.5)", "rolling"]

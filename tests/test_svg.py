@@ -6,7 +6,7 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from istfx.svg import SvgNode, color_for_keys, render_graph_svg
+from istfx.draw.svg import SvgNode, color_for_keys, render_graph_svg
 
 NS = {"s": "http://www.w3.org/2000/svg"}
 

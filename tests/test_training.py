@@ -1,4 +1,4 @@
-"""istfx.training.fit and the local backend: learning, metrics, optimizer state, bad inputs, NaN updates."""
+"""istfx.runtime.training.fit and the local backend: learning, metrics, optimizer state, bad inputs, NaN updates."""
 from __future__ import annotations
 
 import copy
@@ -20,7 +20,7 @@ from istfx.models import ISTMLP
 
 import istfx
 from istfx.errors import ISTError
-from istfx.training import _OptimizerState, evaluate, fit
+from istfx.runtime.training import _OptimizerState, evaluate, fit
 
 ROW_KEYS = {
     "round", "train_loss", "train_accuracy", "eval_loss", "eval_accuracy", "samples", "samples_total",
@@ -66,7 +66,7 @@ def max_diff(a: torch.nn.Module, b: torch.nn.Module) -> float:
 @pytest.fixture(scope="module")
 def digits_loaders():
     pytest.importorskip("sklearn")
-    from istfx.data import digits, loaders
+    from istfx.runtime.data import digits, loaders
 
     train, test = digits(seed=0)
     return loaders(train, test, batch_size=128, seed=0)

@@ -15,7 +15,7 @@ import functools
 
 import torch
 
-from istfx import gist, graphs
+from istfx.graph import gist, graphs
 from istfx.models import GCN
 
 HIDDEN = 256

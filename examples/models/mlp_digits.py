@@ -10,7 +10,7 @@ for training, sharded across the subnets by `istfx train`, 25% for testing.
 import torch
 from istfx.models import ISTMLP
 
-from istfx.data import digits
+from istfx.runtime.data import digits
 
 
 def build_model():

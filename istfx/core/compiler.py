@@ -20,13 +20,13 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
-from .analysis import AnalysisResult, AxisAnalysis
-from .capture import Captured, capture, infer_example_inputs, normalize_example_inputs
-from .errors import ISTError, NonFiniteUpdateError, UnsupportedOpError
-from .groups import EXACT, build_groups
-from .plan import Plan, Policy, parse_policy
-from .slicing import RoundSlices
-from .subnet import SubnetTemplate
+from istfx.core.analysis import AnalysisResult, AxisAnalysis
+from istfx.core.capture import Captured, capture, infer_example_inputs, normalize_example_inputs
+from istfx.errors import ISTError, NonFiniteUpdateError, UnsupportedOpError
+from istfx.core.groups import EXACT, build_groups
+from istfx.core.plan import Plan, Policy, parse_policy
+from istfx.core.slicing import RoundSlices
+from istfx.core.subnet import SubnetTemplate
 
 
 @dataclass(frozen=True)

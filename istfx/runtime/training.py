@@ -1,8 +1,8 @@
-"""``istfx.training.fit``: whole IST training runs, round after round.
+"""``istfx.runtime.training.fit``: whole IST training runs, round after round.
 
 Usage::
 
-    from istfx.training import fit
+    from istfx.runtime.training import fit
 
     ist = istfx.compile(model, subnets=4)
     history = fit(ist, train_loader, rounds=50, local_steps=10,
@@ -28,7 +28,7 @@ same arguments; each trains its own subnet slot, and rank 0 evaluates, logs
 and writes the metrics. ``train_data`` may then be a function
 ``subnet -> iterable`` so each rank builds only its own shard.
 ``checkpoint_dir``/``checkpoint_every`` save safetensors checkpoints
-(:mod:`istfx.checkpoint`) and ``resume=True`` continues from the newest one
+(:mod:`istfx.runtime.checkpoint`) and ``resume=True`` continues from the newest one
 on the same trajectory: same assignments, data positions and RNG states.
 """
 from __future__ import annotations
@@ -45,9 +45,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .compiler import ISTModel
-from .errors import ISTError
-from .slicing import RoundSlices
+from istfx.core.compiler import ISTModel
+from istfx.errors import ISTError
+from istfx.core.slicing import RoundSlices
 
 if TYPE_CHECKING:
     from istfx.backends import SubnetResult
@@ -538,7 +538,7 @@ def fit(
             Local backend only.
         device: where subnets train (default: the model's device); the model
             itself stays where it is and is evaluated there.
-        checkpoint_dir: where checkpoints go (:mod:`istfx.checkpoint`).
+        checkpoint_dir: where checkpoints go (:mod:`istfx.runtime.checkpoint`).
         checkpoint_every: save after every this many rounds (and after the
             last round); 0 saves nothing.
         resume: True to continue from the newest complete checkpoint in
@@ -555,7 +555,7 @@ def fit(
         residual blocks were dealt out, call ``ist.finalize()`` once training
         is over to fold the evaluation scaling into it.
     """
-    from istfx import checkpoint as ckpt
+    from istfx.runtime import checkpoint as ckpt
     from istfx.backends import get_backend
 
     if not isinstance(ist, ISTModel):

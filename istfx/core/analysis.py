@@ -2,7 +2,7 @@
 
 :class:`AxisAnalysis` walks the unlifted ``GraphModule`` of an exported
 program once, in topological order, giving every tensor axis an atom of an
-:class:`~istfx.axes.AxisAlgebra` and applying each node's rule. Model inputs
+:class:`~istfx.core.axes.AxisAlgebra` and applying each node's rule. Model inputs
 and outputs are frozen (their sizes are the user's contract); ops without a
 rule freeze their axes and are reported with the model's source line.
 Higher-order ops that wrap a subgraph (``torch.no_grad`` regions, autocast)
@@ -24,8 +24,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from .axes import AxisAlgebra
-from .rules import OpContext, Rewriter, bind, dims, lookup, new_atom, op_name, rule_unknown
+from istfx.core.axes import AxisAlgebra
+from istfx.core.rules import OpContext, Rewriter, bind, dims, lookup, new_atom, op_name, rule_unknown
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
 Usage::
 
     import istfx
-    from istfx import gist, graphs
+    from istfx.graph import gist, graphs
     from istfx.models import GCN
 
     graph = graphs.sbm(20_000, num_classes=8, avg_degree=20, num_features=64)
@@ -23,12 +23,12 @@ sub-GCNs (the compiler finds them); this module supplies the data side:
   its own random unions of all clusters; ``"disjoint"`` deals the clusters
   out, so each sub-GCN (and each worker) only ever touches its own share of
   the graph.
-- :func:`node_loss` (from :mod:`istfx.graphs`) is the loss: cross-entropy
+- :func:`node_loss` (from :mod:`istfx.graph.graphs`) is the loss: cross-entropy
   over labelled nodes (multi-label: binary cross-entropy), nodes marked
-  :data:`~istfx.graphs.IGNORE_INDEX` left out.
+  :data:`~istfx.graph.graphs.IGNORE_INDEX` left out.
 - :func:`eval_batches` is the ``eval_data``: the full graph as one batch,
   scored on a mask. :func:`istfx.fit` then reports accuracy, which equals
-  micro-F1 for single-label classes; :func:`istfx.graphs.evaluate_nodes`
+  micro-F1 for single-label classes; :func:`istfx.graph.graphs.evaluate_nodes`
   gives micro-F1 for multi-label graphs too.
 """
 from __future__ import annotations
@@ -38,7 +38,7 @@ import time
 
 import torch
 
-from .graphs import ClusterBatches, Graph, GraphError, Partition, masked_targets, metis_clusters, node_loss
+from istfx.graph.graphs import ClusterBatches, Graph, GraphError, Partition, masked_targets, metis_clusters, node_loss
 
 __all__ = ["MODES", "ClusterData", "eval_batches", "example_inputs", "node_loss"]
 
@@ -73,7 +73,7 @@ class ClusterData:
     """Cluster-GCN training data for GIST: ``data(subnet)`` gives that sub-GCN's batches.
 
     The graph is partitioned once with METIS (cached on disk, see
-    :func:`istfx.graphs.metis_clusters`); ``partition_seconds`` says how long
+    :func:`istfx.graph.graphs.metis_clusters`); ``partition_seconds`` says how long
     that took here (a cache hit is near zero).
 
     Args:

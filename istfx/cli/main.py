@@ -33,7 +33,7 @@ from torch import nn
 
 import istfx
 from istfx.errors import ISTError
-from istfx.plan import parse_policy
+from istfx.core.plan import parse_policy
 
 __all__ = ["CLIError", "load_model_file", "main"]
 
@@ -222,7 +222,7 @@ def _run_inspect(args: argparse.Namespace) -> int:
             depth_scaling=args.depth_scaling, shortcut_blocks=args.shortcut_blocks,
         )
         if graph_path is not None:
-            from .graphview import plan_graph_svg
+            from istfx.draw.graphview import plan_graph_svg
 
             graph_path.write_text(plan_graph_svg(ist), encoding="utf-8")
             print(f"istfx: wrote the graph to {graph_path}", file=sys.stderr)
@@ -264,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
                         version=f"istfx {istfx.__version__} (torch {torch.__version__})")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_inspect(subparsers)
-    from .cli_train import add_parser as _add_train
+    from istfx.cli.train import add_parser as _add_train
 
     _add_train(subparsers)
     return parser

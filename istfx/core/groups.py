@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .analysis import AnalysisResult
-from .axes import CONCAT, PRODUCT
+from istfx.core.analysis import AnalysisResult
+from istfx.core.axes import CONCAT, PRODUCT
 
 EXACT, APPROXIMATE, FROZEN = "exact", "approximate", "frozen"
 

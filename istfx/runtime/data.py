@@ -20,7 +20,7 @@ def _sklearn_datasets() -> Any:
         from sklearn import datasets
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise ImportError(
-            'istfx.data needs scikit-learn; install it with: pip install "istfx[data]"'
+            'istfx.runtime.data needs scikit-learn; install it with: pip install "istfx[data]"'
         ) from exc
     return datasets
 

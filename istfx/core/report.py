@@ -5,7 +5,7 @@ import math
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .plan import Plan
+    from istfx.core.plan import Plan
 
 
 def format_plan(plan: "Plan") -> str:

@@ -25,9 +25,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .analysis import Diagnostic
-from .errors import ISTError
-from .groups import APPROXIMATE, EXACT, FROZEN, Group  # noqa: F401  (re-exported)
+from istfx.core.analysis import Diagnostic
+from istfx.errors import ISTError
+from istfx.core.groups import APPROXIMATE, EXACT, FROZEN, Group  # noqa: F401  (re-exported)
 
 
 @dataclass(frozen=True)
@@ -197,7 +197,7 @@ class Plan:
         return json.dumps(self.to_dict(), indent=2)
 
     def __str__(self) -> str:
-        from .report import format_plan
+        from istfx.core.report import format_plan
 
         return format_plan(self)
 

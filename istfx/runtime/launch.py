@@ -8,8 +8,8 @@ which stops every rank when one fails, it can let a job go on without a
 failed rank (``tolerate``): the parameter-server topology survives workers
 that die, and the launcher must not end it for them. ::
 
-    from istfx.launch import launch
-    code = launch(["model.py", "--subnets", "4"], nproc=4, module="istfx.cli_train")
+    from istfx.runtime.launch import launch
+    code = launch(["model.py", "--subnets", "4"], nproc=4, module="istfx.cli.train")
 
 The job's exit status is rank 0's; a rank that fails and is not tolerated
 stops the others. Ranks still running a few seconds after rank 0 finished
@@ -75,7 +75,7 @@ def launch(
     argv: Sequence[str],
     nproc: int,
     *,
-    module: str = "istfx.cli_train",
+    module: str = "istfx.cli.train",
     master_port: int | None = None,
     threads: int | None = None,
     env: dict[str, str] | None = None,

@@ -5,7 +5,7 @@ they are missing, says which files go where.
 
 Usage::
 
-    from istfx import graph_datasets
+    from istfx.graph import datasets
 
     graph = graph_datasets.reddit("data/reddit")              # reddit_data.npz + reddit_graph.npz
     graph = graph_datasets.ogbn_products("data/ogbn_products")  # raw/*.csv.gz + split/sales_ranking/
@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .graphs import Graph, GraphError, mask_from_index
+from istfx.graph.graphs import Graph, GraphError, mask_from_index
 
 __all__ = ["amazon2m", "load", "ogbn_products", "reddit"]
 

@@ -11,7 +11,7 @@ On a cluster, run the same module under torchrun on every node; the ranks
 read torchrun's environment and do the same thing::
 
     torchrun --nnodes 2 --nproc-per-node 2 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
-        -m istfx.cli_train model.py --subnets 4 --topology sharded
+        -m istfx.cli.train model.py --subnets 4 --topology sharded
 
 Each rank uses its own shard of the training set (rank ``s`` gets every
 S-th sample of a seeded permutation, reshuffled every epoch with a seed of
@@ -47,7 +47,7 @@ import torch
 from torch import nn
 
 import istfx
-from istfx.cli import CLIError, run_model_file
+from istfx.cli.main import CLIError, run_model_file
 from istfx.errors import ISTError
 
 __all__ = ["ShardBatches", "add_parser", "build_parser", "main", "run"]
@@ -61,7 +61,7 @@ not dataset rows (graphs), `train_batches(subnet, subnets, seed)` and
 
 on a cluster (the same ranks under torchrun, on every node):
   torchrun --nnodes 2 --nproc-per-node 2 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
-      -m istfx.cli_train MODEL.py --subnets 4 --topology sharded
+      -m istfx.cli.train MODEL.py --subnets 4 --topology sharded
 
 examples:
   istfx train examples/models/mlp_digits.py --subnets 4 --rounds 30 --local-steps 10
@@ -141,7 +141,7 @@ def _datasets(args: argparse.Namespace, module: Any):
     if args.data == "auto" and callable(getattr(module, "train_batches", None)):
         return None, None
     if args.data == "digits" or (args.data == "auto" and not callable(getattr(module, "train_data", None))):
-        from istfx.data import digits
+        from istfx.runtime.data import digits
 
         return digits(seed=args.seed)
     if not callable(getattr(module, "train_data", None)):
@@ -208,7 +208,7 @@ def _mb(value: float | None) -> str:
 
 
 def _printer(args: argparse.Namespace, quiet: bool, parameter_bytes: int):
-    from istfx import comm
+    from istfx.runtime import comm
 
     totals = {"sent": 0.0, "ddp": 0.0, "local_sgd": 0.0, "rounds": 0}
     label = "busiest rank MB"
@@ -292,7 +292,7 @@ def _train_local(args: argparse.Namespace) -> int:
 
 def _save(args: argparse.Namespace, ist) -> None:
     if args.save:
-        from istfx import checkpoint
+        from istfx.runtime import checkpoint
 
         checkpoint.atomic_save(checkpoint.model_state(ist), args.save)
         if not args.quiet:
@@ -347,7 +347,7 @@ def _worker(args: argparse.Namespace) -> int:
 
 def _initial_state(args: argparse.Namespace, directory: str) -> str:
     """Build the model once, seeded, and write its state for the ranks to read their rows from."""
-    from istfx import checkpoint
+    from istfx.runtime import checkpoint
 
     torch.manual_seed(args.seed)
     model, _, _ = load_training_file(args.model)
@@ -384,7 +384,7 @@ def _worker_argv(args: argparse.Namespace, init_from: str | None) -> list[str]:
 
 
 def _launch(args: argparse.Namespace) -> int:
-    from istfx.launch import launch
+    from istfx.runtime.launch import launch
 
     ranks = args.subnets * (args.data_parallel if args.backend == "deepspeed" else 1)
     nproc = args.nproc or ranks
@@ -396,7 +396,7 @@ def _launch(args: argparse.Namespace) -> int:
     tolerant = args.backend == "torch" and args.topology == "ps"  # a dead worker leaves the ps job running
     with tempfile.TemporaryDirectory(prefix="istfx-train-") as tmp:
         init_from = args.init_from or _initial_state(args, tmp)
-        return launch(_worker_argv(args, init_from), nproc, module="istfx.cli_train", threads=threads,
+        return launch(_worker_argv(args, init_from), nproc, module="istfx.cli.train", threads=threads,
                       master_port=args.master_port,
                       tolerate=(lambda rank: rank != 0) if tolerant else (lambda rank: False))
 
@@ -419,7 +419,7 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError("--backend deepspeed exchanges full-precision subnets through rank 0: "
                        "--topology sharded and --compress are options of --backend torch")
     if args.topology == "sharded" and args.backend == "torch":
-        from istfx.plan import parse_policy
+        from istfx.core.plan import parse_policy
 
         try:
             disjoint = parse_policy(args.policy).disjoint
@@ -506,7 +506,7 @@ def add_parser(subparsers) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m istfx.cli_train", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m istfx.cli.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     _configure(p)
     return p

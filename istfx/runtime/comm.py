@@ -14,7 +14,7 @@ The error of each element is at most half its row's scale,
 row holding NaN or Inf decodes as NaN, so a non-finite update stays visible
 to the receiver. ::
 
-    from istfx import comm
+    from istfx.runtime import comm
 
     buffer = comm.pack([w, b], compress="int8")       # uint8 tensor
     w2, b2 = comm.unpack(buffer, comm.specs([w, b]), compress="int8")

@@ -22,10 +22,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import fx
 
-from .svg import SvgNode, render_graph_svg
+from istfx.draw.svg import SvgNode, render_graph_svg
 
 if TYPE_CHECKING:
-    from .compiler import ISTModel
+    from istfx.core.compiler import ISTModel
 
 __all__ = ["node_split_groups", "plan_graph_svg"]
 
@@ -140,7 +140,7 @@ def _tooltip(node: fx.Node, key: str | None) -> str:
         path = list(stack.values())[-1][0]
         if path:
             lines.append(f"module: {path}")
-    from .analysis import source_line
+    from istfx.core.analysis import source_line
 
     source = source_line(node)
     if source:

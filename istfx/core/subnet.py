@@ -22,7 +22,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch import nn
 
-from .analysis import AnalysisResult
+from istfx.core.analysis import AnalysisResult
 
 if TYPE_CHECKING:
     from istfx.passes.depth import Branch

@@ -2,7 +2,7 @@
 
 Usage::
 
-    from istfx import graphs
+    from istfx.graph import graphs
 
     graph = graphs.sbm(20_000, num_classes=8, avg_degree=20, num_features=64, seed=0)
     cluster = graphs.metis_clusters(graph.edge_index, graph.num_nodes, parts=100, seed=0)
@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import ISTError
+from istfx.errors import ISTError
 
 __all__ = [
     "IGNORE_INDEX", "ClusterBatches", "Graph", "GraphError", "Partition", "cache_dir", "evaluate_nodes",
@@ -270,7 +270,7 @@ def _metis(edge_index: torch.Tensor, num_nodes: int, parts: int, seed: int) -> n
     try:
         import pymetis
     except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError('istfx.graphs needs pymetis for METIS clusters: pip install "istfx[graph]"') from exc
+        raise ImportError('istfx.graph.graphs needs pymetis for METIS clusters: pip install "istfx[graph]"') from exc
     if parts == 1:
         return np.zeros(num_nodes, dtype=np.int64)
     xadj, adjncy = _symmetric_csr(edge_index, num_nodes)

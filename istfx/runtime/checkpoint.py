@@ -23,7 +23,7 @@ RNG states, a resumed run reproduces an uninterrupted one bit for bit.
 
 Usage::
 
-    from istfx import checkpoint
+    from istfx.runtime import checkpoint
 
     ckpt = checkpoint.find("ckpt/")            # newest complete checkpoint or None
     state = ckpt.model_state()                 # {name: tensor}, sharded ones consolidated
@@ -42,10 +42,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .errors import ISTError
+from istfx.errors import ISTError
 
 if TYPE_CHECKING:
-    from .compiler import ISTModel
+    from istfx.core.compiler import ISTModel
 
 __all__ = [
     "Checkpoint",

@@ -21,7 +21,7 @@ import torch.fx.experimental._config as fx_config
 from torch import nn
 from torch.export import Dim
 
-from .errors import CaptureError, ISTError
+from istfx.errors import CaptureError, ISTError
 
 
 @dataclass

@@ -13,8 +13,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from .analysis import AnalysisResult
-from .plan import Plan
+from istfx.core.analysis import AnalysisResult
+from istfx.core.plan import Plan
 
 Index = list[torch.Tensor | None]  # one entry per dimension
 

@@ -1,0 +1,1 @@
+"""Drawing: the captured graph coloured by split group, as SVG."""

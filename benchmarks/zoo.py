@@ -667,7 +667,7 @@ def hf_depth(name: str, subnets: int) -> dict:
 # -- the driver: one process per model -----------------------------------------------------
 
 
-def run_one(zoo: str, name: str, subnets: int, timeout: float, logs: Path) -> dict:
+def run_one(zoo: str, name: str, subnets: int, timeout: float, logs: Path, commit: str = "") -> dict:
     """`measure` in a subprocess with a timeout; a timeout or a crash keeps the stages done so far."""
     logs.mkdir(parents=True, exist_ok=True)
     result = logs / f"{zoo}-{name}.json"
@@ -693,6 +693,7 @@ def run_one(zoo: str, name: str, subnets: int, timeout: float, logs: Path) -> di
     except (OSError, ValueError):
         row = {"zoo": zoo, "name": name, "subnets": subnets, "stage": "start"}
     row["wall_s"] = wall
+    row["istfx_commit"] = commit
     if timed_out:
         row["timeout"] = f"timeout after {timeout:.0f} s in stage '{row.get('stage')}'"
     elif rc != 0 or row.get("stage") != "done":
@@ -761,7 +762,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     zoos = args.zoo or ["hf", "torchvision"]  # the quick zoo first
     if args.only:
-        tv = set(torchvision_models()) if "torchvision" in zoos else set()
+        try:
+            tv = set(torchvision_models()) if "torchvision" in zoos else set()
+        except ImportError:  # the project's own venv: Hugging Face rows only
+            tv = set()
         unknown = [n for n in args.only if n not in tv and n not in HF]
         if unknown:
             parser.error(f"unknown models {unknown}")
@@ -787,7 +791,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = {(r["zoo"], r["name"]): r for r in data["rows"]}
     done = []
     for i, (zoo, name) in enumerate(todo, 1):
-        row = run_one(zoo, name, args.subnets, args.timeout, args.logs)
+        row = run_one(zoo, name, args.subnets, args.timeout, args.logs, data["runs"][-1].get("istfx_commit", ""))
         rows[(zoo, name)] = row
         done.append(row)
         print(f"[{time.strftime('%H:%M:%S')}] {i}/{len(todo)} {zoo}/{name}: {short_status(row)}", file=sys.stderr,

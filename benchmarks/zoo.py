@@ -5,6 +5,7 @@
     python benchmarks/zoo.py --only resnet18 llama  # a few rows (merged into docs/zoo.json)
     python benchmarks/zoo.py --quick                # a handful of each zoo, printed, nothing written
     python benchmarks/zoo.py --render               # docs/zoo.md again from docs/zoo.json
+    python benchmarks/zoo.py --families-first --merge  # one model per family first; keep rows not redone
 
 Every model is built from its constructor or a tiny config with random
 weights (no download). Each runs in its own process (``--timeout``, default
@@ -121,7 +122,8 @@ ZOO: dict[str, Entry] = {
     "gpt_neo": Entry("GPT-Neo", "GPTNeoForCausalLM", lambda tf: tf.GPTNeoConfig(
         **_LM, hidden_size=32, num_layers=2, num_heads=4, attention_types=[[["global", "local"], 1]],
         window_size=4, intermediate_size=64, max_position_embeddings=64, resid_dropout=0.0, embed_dropout=0.0,
-        attention_dropout=0.0)),
+        attention_dropout=0.0), note="its attention casts query and key to float32 (`query.to(torch.float32)`), "
+        "so a float64 model's outputs carry float32 rounding (errors ~1e-9)"),
     "opt": Entry("OPT", "OPTForCausalLM", lambda tf: tf.OPTConfig(
         **_LM, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64, word_embed_proj_dim=32,
         max_position_embeddings=64, dropout=0.0, attention_dropout=0.0, pad_token_id=1)),
@@ -710,6 +712,15 @@ def model_names(zoo: str) -> list[str]:
 
 # Captures known to take many minutes (Swin: symbolic shapes of dynamic H and W); run last.
 SLOW = ("swin_t", "swin_s", "swin_b", "swin_v2_t", "swin_v2_s", "swin_v2_b")
+# One small model of every family (and the architectures issue 11 is about) first, so that a run cut short
+# still covers every pattern; then the rest.
+FIRST = [("torchvision", n) for n in (
+    "resnet18", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "regnet_x_400mf", "regnet_y_400mf",
+    "resnext50_32x4d", "shufflenet_v2_x0_5", "squeezenet1_1", "densenet121", "googlenet", "mnasnet0_5", "vgg11",
+    "vit_b_32", "alexnet", "inception_v3", "efficientnet_v2_s", "convnext_tiny", "maxvit_t", "wide_resnet50_2",
+    "vgg11_bn")] + [("hf", n) for n in (
+        "llama", "bert", "t5", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "bloom", "mpt", "gptj", "codegen",
+        "mamba", "vit_cls", "swin_hf", "convnext_hf", "whisper")] + [("torchvision", "swin_t")]
 
 
 QUICK = {"torchvision": ["resnet18", "mobilenet_v2", "vit_b_32", "regnet_x_400mf", "squeezenet1_1"],
@@ -744,6 +755,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--out", type=Path, default=ROOT / "docs")
     parser.add_argument("--logs", type=Path, default=Path("/tmp/istfx-zoo-logs"))
     parser.add_argument("--print", dest="print_only", action="store_true", help="write nothing")
+    parser.add_argument("--merge", action="store_true", help="keep the rows of docs/zoo.json this run does not redo")
+    parser.add_argument("--families-first", action="store_true",
+                        help="one model of every family first (a run cut short still covers every pattern)")
     parser.add_argument("--render", action="store_true", help="rewrite zoo.md from zoo.json, run nothing")
     parser.add_argument("--worker", nargs=2, metavar=("ZOO", "NAME"), help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
@@ -776,13 +790,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
     else:
         todo = [(z, n) for z in zoos for n in model_names(z)]
         todo = [t for t in todo if t[1] not in SLOW] + [t for t in todo if t[1] in SLOW]  # a partial run has the rest
+        if args.families_first:
+            todo = [t for t in FIRST if t in todo] + [t for t in todo if t not in FIRST]
     write = not (args.print_only or args.quick)
-    partial = bool(args.only or args.zoo) and json_path.exists()
+    partial = bool(args.only or args.zoo or args.merge) and json_path.exists()
     data = json.loads(json_path.read_text()) if partial else {"rows": []}
     if not isinstance(data, dict) or "rows" not in data:
         data = {"rows": []}
-    command = "python benchmarks/zoo.py" + ("" if argv is None and len(sys.argv) == 1 else
-                                             " " + " ".join(argv if argv is not None else sys.argv[1:]))
+    shown = list(argv if argv is not None else sys.argv[1:])
+    if "--out" in shown and args.out.name == "docs":  # the checkout's docs/, wherever it is
+        i = shown.index("--out")
+        del shown[i:i + 2]
+    command = " ".join(["python benchmarks/zoo.py", *shown])
     data.setdefault("runs", []).append({
         "command": command, "started": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "timeout_s": args.timeout, "subnets": args.subnets, "models": len(todo), **versions()})

@@ -133,11 +133,18 @@ def _ratio(row: dict) -> str:
     return f"{row['compile_s']:.1f} / {row['export_s']:.1f} ({row['compile_s'] / row['export_s']:.1f}x)"
 
 
+def _measured(row: dict) -> str:
+    """When and at which istfx commit the row was measured."""
+    when = str(row.get("run_at", "")).split(" ")
+    text = when[1] if len(when) > 1 else "-"
+    return text + (f" `{row['istfx_commit']}`" if row.get("istfx_commit") else "")
+
+
 def table(rows: list[dict], hf: bool) -> list[str]:
     lines = [
         "| model | params | dtype | captured | groups split / shared / frozen | round trip | mask max error "
-        "| train | eval | eval = masked | largest subnet | compile s / export s | why / notes |",
-        "| --- | ---: | --- | --- | --- | --- | --- | --- | --- | --- | ---: | ---: | --- |",
+        "| train | eval | eval = masked | largest subnet | compile s / export s | why / notes | measured |",
+        "| --- | ---: | --- | --- | --- | --- | --- | --- | --- | --- | ---: | ---: | --- | --- |",
     ]
     for r in rows:
         g = r.get("groups")
@@ -163,7 +170,7 @@ def table(rows: list[dict], hf: bool) -> list[str]:
         lines.append(
             f"| {_cell(name)} | {r.get('parameters', 0):,} | {r.get('dtype', '-')} | {status(r)} | {groups} | "
             f"{_yn(r.get('round_trip'))} | {mask_text} | {_yn(r.get('train_run'))} | {_yn(r.get('eval_run'))} | "
-            f"{eval_mask} | {largest} | {_ratio(r)} | {_cell(notes)} |")
+            f"{eval_mask} | {largest} | {_ratio(r)} | {_cell(notes)} | {_measured(r)} |")
     return lines
 
 

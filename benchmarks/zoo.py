@@ -44,6 +44,9 @@ wheels run on CPU)::
     /work/zoo-venv/bin/pip install -e . --no-deps
     nice -n 10 /work/zoo-venv/bin/python benchmarks/zoo.py
 
+(In December 2026 that brings torch 2.14.1+cu130, torchvision 0.29.1+cu130 and transformers 5.25.0; the
+project's own venv has torch 2.13.0+cpu. The Hugging Face rows also run there: ``--zoo hf``.)
+
 ``tests/test_zoo.py`` checks the invariants of DESIGN.md on the ``ZOO``
 entries (``build``, :func:`inputs`); it needs no torchvision.
 """

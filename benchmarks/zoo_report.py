@@ -302,7 +302,8 @@ def markdown(data: dict) -> str:
         "",
         "The environment: torchvision's PyPI wheel links CUDA libraries and does not import next to the "
         "project's CPU build of torch, so the benchmark has a venv of its own with the default wheels (they run "
-        "on CPU):",
+        f"on CPU; the last run's: torch {run.get('torch')}, torchvision {run.get('torchvision')}, transformers "
+        f"{run.get('transformers')}; the project's own venv has torch 2.13.0+cpu):",
         "",
         VENV,
         "",

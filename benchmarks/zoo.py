@@ -810,6 +810,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "timeout_s": args.timeout, "subnets": args.subnets, "models": len(todo), **versions()})
     if not partial:
         data["runs"] = data["runs"][-1:]
+    try:  # the whole zoos, so that the page can list the models not measured yet
+        data["zoos"] = {"torchvision": torchvision_models(), "hf": list(HF)}
+    except ImportError:
+        data.setdefault("zoos", {})["hf"] = list(HF)
     rows = {(r["zoo"], r["name"]): r for r in data["rows"]}
     done = []
     for i, (zoo, name) in enumerate(todo, 1):

@@ -298,6 +298,12 @@ def markdown(data: dict) -> str:
     if missing > 0:
         lines += ["", f"**Partial results: the last run stopped after {run.get('done')} of {run.get('models')} "
                       "models; the tables show the rows measured so far.**"]
+    measured = {(r["zoo"], r["name"]) for r in rows}
+    for zoo, names in data.get("zoos", {}).items():
+        absent = [n for n in names if (zoo, n) not in measured]
+        if absent:
+            lines += ["", f"**Not measured yet ({zoo}, {len(absent)} of {len(names)}):** "
+                          + ", ".join(f"`{n}`" for n in absent) + "."]
     lines += [
         "",
         "The environment: torchvision's PyPI wheel links CUDA libraries and does not import next to the "

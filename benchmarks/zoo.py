@@ -747,6 +747,14 @@ def versions() -> dict:
     return out
 
 
+def _zoos() -> dict[str, list[str]]:
+    """The whole zoos, so that the page can list the models not measured yet."""
+    try:
+        return {"torchvision": torchvision_models(), "hf": list(HF)}
+    except ImportError:
+        return {"hf": list(HF)}
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--zoo", choices=["torchvision", "hf"], action="append",
@@ -774,6 +782,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     json_path, md_path = args.out / "zoo.json", args.out / "zoo.md"
     if args.render:
         data = json.loads(json_path.read_text())
+        data["zoos"] = _zoos()
+        json_path.write_text(json.dumps(data, indent=1, default=str))
         md_path.write_text(markdown(data))
         return data["rows"]
 
@@ -810,10 +820,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "timeout_s": args.timeout, "subnets": args.subnets, "models": len(todo), **versions()})
     if not partial:
         data["runs"] = data["runs"][-1:]
-    try:  # the whole zoos, so that the page can list the models not measured yet
-        data["zoos"] = {"torchvision": torchvision_models(), "hf": list(HF)}
-    except ImportError:
-        data.setdefault("zoos", {})["hf"] = list(HF)
+    data["zoos"] = _zoos()
     rows = {(r["zoo"], r["name"]): r for r in data["rows"]}
     done = []
     for i, (zoo, name) in enumerate(todo, 1):

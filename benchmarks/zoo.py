@@ -782,7 +782,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     json_path, md_path = args.out / "zoo.json", args.out / "zoo.md"
     if args.render:
         data = json.loads(json_path.read_text())
-        data["zoos"] = _zoos()
+        data["zoos"] = {**data.get("zoos", {}), **_zoos()}
         json_path.write_text(json.dumps(data, indent=1, default=str))
         md_path.write_text(markdown(data))
         return data["rows"]
@@ -820,7 +820,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "timeout_s": args.timeout, "subnets": args.subnets, "models": len(todo), **versions()})
     if not partial:
         data["runs"] = data["runs"][-1:]
-    data["zoos"] = _zoos()
+    data["zoos"] = {**data.get("zoos", {}), **_zoos()}
     rows = {(r["zoo"], r["name"]): r for r in data["rows"]}
     done = []
     for i, (zoo, name) in enumerate(todo, 1):

@@ -14,11 +14,17 @@ from __future__ import annotations
 import time
 
 from istfx.core.compiler import ISTModel
+from istfx.runtime.backend_api import (
+    Backend,
+    RoundResult,
+    TrainSubnet,
+    model_device,
+    subnet_bytes,
+    subnet_parameters,
+)
 
-from . import RoundResult, TrainSubnet, model_device, subnet_bytes, subnet_parameters
 
-
-class LocalBackend:
+class LocalBackend(Backend):
     """Trains the subnets of a round sequentially in the calling process.
 
     ``RoundResult.extra["subnet_seconds"]`` holds each subnet's training

@@ -168,7 +168,7 @@ class IST:
                  topology: str) -> None:
         import istfx
         from istfx.backends import SubnetResult
-        from istfx.backends.torch_dist import TorchDistBackend
+        from istfx.backends import TorchDistBackend
 
         self.ist = istfx.compile(task.model, subnets=world, example_inputs=task.example_inputs, seed=args.seed)
         self.backend = TorchDistBackend(topology, timeout=args.timeout)

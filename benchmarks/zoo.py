@@ -47,7 +47,7 @@ wheels run on CPU)::
 (In December 2026 that brings torch 2.14.1+cu130, torchvision 0.29.1+cu130 and transformers 5.25.0; the
 project's own venv has torch 2.13.0+cpu. The Hugging Face rows also run there: ``--zoo hf``.)
 
-``tests/test_zoo.py`` checks the invariants of DESIGN.md on the ``ZOO``
+``tests/test_zoo.py`` checks the IST invariants (tests/conftest.py) on the ``ZOO``
 entries (``build``, :func:`inputs`); it needs no torchvision.
 """
 from __future__ import annotations

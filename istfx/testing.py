@@ -14,9 +14,7 @@ from istfx.core.slicing import RoundSlices, _scatter
 def held_mask(slices: RoundSlices, name: str, shape: torch.Size, subnet: int) -> torch.Tensor:
     """1 where subnet `subnet` holds an element of tensor `name`, 0 elsewhere."""
     mask = torch.zeros(shape)
-    index = slices.indices[subnet][name]
-    held_shape = [size if i is None else len(i) for size, i in zip(shape, index)]
-    _scatter(mask, index, torch.ones(held_shape))
+    _scatter(mask, slices.indices[subnet][name], torch.ones(slices.held_shape(name, shape, subnet)))
     return mask
 
 
@@ -29,10 +27,3 @@ def masked_state(ist: ISTModel, slices: RoundSlices, subnet: int) -> dict[str, t
             full = full * held_mask(slices, name, full.shape, subnet).to(full.dtype)
         out[name] = full
     return out
-
-
-def load_state(ist: ISTModel, state: dict[str, torch.Tensor]) -> None:
-    """Copy tensors by captured name into the user's model, in place."""
-    with torch.no_grad():
-        for name, value in state.items():
-            ist.state_tensor(name).copy_(value)

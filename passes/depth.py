@@ -22,12 +22,18 @@ Usage::
 from __future__ import annotations
 
 import fnmatch
+import operator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.fx as fx
 
-_ADDS = {torch.ops.aten.add.Tensor}
+from istfx.core.analysis import source_line
+from istfx.core.rules import bind
+
+# `out += identity` (torchvision's ResNet blocks) is captured as the in-place add.
+_ADDS = {torch.ops.aten.add.Tensor, torch.ops.aten.add_.Tensor}
 # Ops a branch output may pass through after its last parametric op and still be scaled by
 # scaling that op's parameters (they commute with a positive scalar).
 _COMMUTING = {"dropout", "native_dropout", "clone", "contiguous", "view", "reshape", "_unsafe_view",
@@ -45,6 +51,7 @@ class Branch:
     parameters: list[str]  # parameters/buffers only the branch reads
     module: str
     self_contained: bool  # no branch node is used outside the branch
+    source: str = ""  # the user's source line of the add, as 'file.py:12 `code`'
 
 
 @dataclass
@@ -56,6 +63,14 @@ class Block:
     droppable: bool = True
     reason: str = ""
     shortcut: bool = False  # a strided/projection block: dropping it keeps only its shortcut path
+
+    @property
+    def name(self) -> str:
+        """The module path, or for a block in the model's own forward, ``<root>`` and where its add is."""
+        if self.module:
+            return self.module
+        where = next((b.source for b in self.branches if b.source), "")
+        return f"<root> ({where})" if where else "<root>"
 
     @property
     def parameters(self) -> list[str]:
@@ -83,7 +98,9 @@ def find_residual_blocks(gm: fx.GraphModule) -> tuple[list[Block], list[Block]]:
         a, b = n.args[0], n.args[1]
         if not (isinstance(a, fx.Node) and isinstance(b, fx.Node) and _same_shape(a, b)):
             continue
-        for skip, out in ((a, b), (b, a)):
+        # add(a, b, alpha=c) is a + c*b: only `a` can be the identity skip then.
+        orders = ((a, b), (b, a)) if n.kwargs.get("alpha", 1) == 1 else ((a, b),)
+        for skip, out in orders:
             if ancestors[out] >> order[skip] & 1 and not _is_state(skip):
                 branch = _branch(nodes, order, ancestors, users_of, skip, out, n)
                 if branch.parameters:
@@ -167,7 +184,7 @@ def _branch(nodes, order, ancestors, users_of, skip: fx.Node, out: fx.Node, add:
             if inp.op == "get_attr" and users_of[inp] <= member_set and inp.target not in params:
                 params.append(inp.target)
     return Branch(add.name, skip.name, out.name, [m.name for m in members], params,
-                  _module_path(members), self_contained)
+                  _module_path(members), self_contained, source_line(add))
 
 
 def _module_path(members: list[fx.Node]) -> str:
@@ -239,34 +256,166 @@ _FOLDABLE = {
     "linear": ("weight", "bias"), "conv1d": ("weight", "bias"), "conv2d": ("weight", "bias"),
     "conv3d": ("weight", "bias"), "convolution": ("weight", "bias"), "addmm": ("self", "mat2"),
     "batch_norm": ("weight", "bias"), "layer_norm": ("weight", "bias"), "rms_norm": ("weight",),
+    "mm": ("mat2",), "matmul": ("other",),
 }
+# Ops whose output scales by p when their first argument does, for any p > 0 (positively homogeneous).
+_HOMOGENEOUS = _COMMUTING | {
+    "relu", "leaky_relu", "neg", "mean", "sum", "max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d",
+    "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d",
+    "slice", "select", "narrow", "unflatten", "repeat", "roll",
+    "flip", "feature_dropout", "pixel_shuffle", "pixel_unshuffle",
+}
+# Multi-output ops that are homogeneous in their first argument, and which outputs are (None: all).
+_HOMOGENEOUS_PARTS = {"native_dropout": {0}, "max_pool2d_with_indices": {0}, "adaptive_max_pool2d": {0},
+                      "adaptive_max_pool1d": {0}, "split": None,
+                      "split_with_sizes": None, "chunk": None, "unbind": None}
+# Ops that only read their first argument's shape, dtype and device (or overwrite its values).
+_METADATA_ONLY = {"new_empty", "new_zeros", "new_ones", "new_full", "empty_like", "zeros_like", "ones_like",
+                  "full_like", "rand_like", "randn_like", "randint_like", "sym_size", "sym_numel", "sym_stride",
+                  "sym_storage_offset", "bernoulli_", "uniform_", "normal_", "fill_", "zero_", "exponential_",
+                  "random_"}
+
+
+def _op(node: fx.Node) -> str:
+    """The op's name without overload and without the in-place underscore (``mul_`` -> ``mul``)."""
+    name = getattr(node.target, "_opname", "")
+    return name[:-1] if name.endswith("_") else name
+
+
+def _value_inputs(node: fx.Node) -> list[fx.Node]:
+    """Inputs whose values `node` reads: not the first argument of ``new_empty``, ``bernoulli_``, ``sym_size``..."""
+    raw = getattr(node.target, "_opname", "")
+    first = node.args[0] if node.args else None
+    if isinstance(first, fx.Node) and (raw in _METADATA_ONLY or (
+            raw == "bernoulli" and getattr(node.target, "_overloadname", "") == "p")):
+        return _flat_nodes((node.args[1:], node.kwargs))
+    return list(node.all_input_nodes)
+
+
+def _flat_nodes(values: Any) -> list[fx.Node]:
+    found: list[fx.Node] = []
+    fx.node.map_arg(values, found.append)
+    return found
 
 
 def fold_targets(gm: fx.GraphModule, branch: Branch) -> list[str] | None:
-    """Parameters whose scaling by p scales the branch output by p (None if there are none).
+    """Parameters whose scaling by p scales the branch output by p (None if there are none)."""
+    targets, _ = find_carrier(gm, branch)
+    return targets
 
-    Walks back from the branch output through ops that commute with a positive
-    scalar (dropout, views, casts) to the last op that is linear in its weight
-    and bias (linear, conv, addmm, affine norms).
+
+def find_carrier(gm: fx.GraphModule, branch: Branch) -> tuple[list[str] | None, str]:
+    """(parameters that carry a scaling of the branch output, or None; why there are none).
+
+    Walks back from the branch output through ops that are positively
+    homogeneous in the walked operand: views, casts, dropout and drop-path
+    masks, ReLU and pooling, multiplication or division by a constant or by a
+    tensor computed without the carrier. It stops at a *carrier*: a pointwise
+    multiply by a parameter (LayerScale's ``gamma * f(x)``) or an op linear in
+    its weight and bias (linear, conv, addmm, affine norms). Scaling the
+    carrier's parameters by p then scales the branch output by exactly p. A
+    carrier's parameters must be read by that op alone.
     """
-    from istfx.core.rules import bind
+    nodes = list(gm.graph.nodes)
+    order = {n: i for i, n in enumerate(nodes)}
+    by_name = {n.name: n for n in nodes}
+    state = {name for name, _ in gm.named_parameters()} | {name for name, _ in gm.named_buffers()}
+    reads: dict[str, int] = {}
+    for n in nodes:
+        if n.op == "get_attr":
+            reads[n.target] = reads.get(n.target, 0) + len(n.users)
 
-    by_name = {n.name: n for n in gm.graph.nodes}
-    node = by_name[branch.output]
-    while node.op == "call_function":
-        name = getattr(node.target, "_opname", "")
+    def owned(value: Any, op: fx.Node) -> bool:  # state read by `op` alone
+        return (isinstance(value, fx.Node) and value.op == "get_attr" and value.target in state
+                and reads[value.target] == 1 and set(value.users) == {op})
+
+    node, side = by_name[branch.output], []  # side: operands the output also depends on
+    while True:
+        if node.op != "call_function":
+            return None, f"its branch output comes from {node.op} {node.name}"
+        if node.target is operator.getitem:
+            source, index = node.args
+            parts = _HOMOGENEOUS_PARTS.get(_op(source), ()) if isinstance(source, fx.Node) else ()
+            if parts is None or index in parts:
+                node = source.args[0]
+                continue
+            return None, _stop(node)
+        name = _op(node)
         if name in _FOLDABLE:
             bound = bind(node)
-            targets = []
-            for arg in _FOLDABLE[name]:
-                value = bound.get(arg)
-                if isinstance(value, fx.Node):
-                    if value.op != "get_attr":
-                        return None
-                    targets.append(value.target)
-            return targets or None
-        if name in _COMMUTING and node.args and isinstance(node.args[0], fx.Node):
+            values = [bound.get(arg) for arg in _FOLDABLE[name]]
+            if not all(v is None or owned(v, node) for v in values) or not any(v is not None for v in values):
+                return None, (f"its branch ends in {name} ({_where(node)}) whose weights are not parameters "
+                              "read by that op alone")
+            targets = [v.target for v in values if v is not None]
+            break
+        if name == "mul" and len(node.args) == 2:
+            a, b = node.args
+            gamma = next((v for v in (a, b) if owned(v, node)), None)
+            if gamma is not None:  # LayerScale: gamma * f(x)
+                targets = [gamma.target]
+                break
+            data = [v for v in (a, b) if isinstance(v, fx.Node)
+                    and isinstance(v.meta.get("val"), torch.Tensor)]
+            if not data:
+                return None, _stop(node)
+            # The operand on the branch's data path: the one computed from parameters, else the first.
+            data.sort(key=lambda v: not _reads_state(v))
+            other = b if data[0] is a else a
+            side.append(other)
+            node = data[0]
+            continue
+        if name == "div" and len(node.args) == 2 and isinstance(node.args[0], fx.Node):
+            side.append(node.args[1])
             node = node.args[0]
             continue
-        return None
-    return None
+        if name in _HOMOGENEOUS and node.args and isinstance(node.args[0], fx.Node):
+            if not any(isinstance(a.meta.get("val"), torch.Tensor) for a in _flat_nodes(node.args[1:])):
+                node = node.args[0]
+                continue
+        return None, _stop(node)
+    if any(_depends(value, node, order) for value in side):
+        return None, (f"a factor of its branch output is computed from {name} ({_where(node)}), "
+                      "so scaling that op's parameters would not scale the output by p")
+    return targets, ""
+
+
+def _stop(node: fx.Node) -> str:
+    return (f"its branch ends in {getattr(node.target, '__name__', node.target)} ({_where(node)}), which no "
+            "parameter of the branch can scale exactly (the walk back from the output passes only views, "
+            "dropout and drop-path masks, ReLU, pooling and constant factors)")
+
+
+def _where(node: fx.Node) -> str:
+    return source_line(node) or f"node {node.name}"
+
+
+def _reads_state(node: fx.Node) -> bool:
+    """Whether `node`'s value is computed from a parameter, buffer or constant."""
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "get_attr":
+            return True
+        stack.extend(_value_inputs(n))
+    return False
+
+
+def _depends(value: Any, source: fx.Node, order: dict) -> bool:
+    """Whether `value` is computed from the values of `source` (shape and dtype reads do not count)."""
+    if not isinstance(value, fx.Node):
+        return False
+    seen, stack = set(), [value]
+    while stack:
+        n = stack.pop()
+        if n is source:
+            return True
+        if n in seen or order[n] < order[source]:
+            continue
+        seen.add(n)
+        inputs = _value_inputs(n)
+        stack.extend(inputs)
+    return False

@@ -1,4 +1,16 @@
-"""Shared checks of the IST invariants (DESIGN.md, "Invariants").
+"""Shared checks of the IST invariants, which every model the project claims must keep.
+
+The invariants (README.md, "What gets split", says which groups are exact):
+
+1. round trip: reassembling decomposed, untrained subnets changes nothing;
+2. coverage: under ``disjoint`` every unit of a split group is in one subnet per round;
+3. mask equivalence: for an exact group, a subnet equals the full model with the
+   units it does not hold zeroed (float64, tight tolerance), also after one SGD
+   step; a skipped residual block equals the full model with that branch zeroed;
+4. interface: a subnet takes any batch size and returns the model's output
+   structure, in training and in evaluation mode;
+5. backends agree: the same plan, data and seed train the same model under every
+   backend and topology (checked in tests/test_distributed.py).
 
 The helpers take a compiled :class:`istfx.ISTModel` and the inputs to call it
 with, as ``(args, kwargs)``, and assert one invariant each:

@@ -5,9 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-pytest.importorskip("sklearn")
-
-from istfx.runtime.data import digits, loaders  # noqa: E402
+from istfx.runtime.data import digits, loaders
 
 
 def test_digits_sizes_and_classes() -> None:

@@ -726,3 +726,345 @@ def test_skipped_block_takes_its_batch_norm_counter() -> None:
         buffers = {n for n, _ in sub.named_buffers()}
         for b, block in enumerate(ist.plan.blocks):
             assert (f"{block.module}.bn.num_batches_tracked" in buffers) == (b in held)
+
+
+# -- in-place residual adds (torchvision's ResNet blocks, ResIST's PreActBlock) ----------------------
+
+
+class TorchvisionBasicBlock(nn.Module):
+    """torchvision.models.resnet.BasicBlock, rebuilt: ``out += identity`` after bn2, in-place ReLUs."""
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = None
+        if stride != 1 or inplanes != planes:
+            self.downsample = nn.Sequential(nn.Conv2d(inplanes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
+
+    def forward(self, x):
+        identity = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        out += identity
+        return self.relu(out)
+
+
+class TorchvisionBottleneck(nn.Module):
+    """torchvision.models.resnet.Bottleneck, rebuilt (1x1 -> 3x3 -> 1x1, ``out += identity``)."""
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1) -> None:
+        super().__init__()
+        width = planes
+        self.conv1, self.bn1 = nn.Conv2d(inplanes, width, 1, bias=False), nn.BatchNorm2d(width)
+        self.conv2, self.bn2 = nn.Conv2d(width, width, 3, stride, 1, bias=False), nn.BatchNorm2d(width)
+        self.conv3, self.bn3 = nn.Conv2d(width, planes * 2, 1, bias=False), nn.BatchNorm2d(planes * 2)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = None
+        if stride != 1 or inplanes != planes * 2:
+            self.downsample = nn.Sequential(nn.Conv2d(inplanes, planes * 2, 1, stride, bias=False),
+                                            nn.BatchNorm2d(planes * 2))
+
+    def forward(self, x):
+        identity = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        out += identity
+        return self.relu(out)
+
+
+class ResISTPreActBlock(nn.Module):
+    """The ResIST authors' PreActBlock: shortcut taken after the first BN-ReLU, ``out += shortcut``."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_planes)
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False))
+
+    def forward(self, x):
+        out = torch.relu(self.bn1(x))
+        shortcut = self.shortcut(out) if hasattr(self, "shortcut") else x
+        out = self.conv1(out)
+        out = self.conv2(torch.relu(self.bn2(out)))
+        out += shortcut
+        return out
+
+
+class InplaceNet(nn.Module):
+    """stem -> [block(4, 4), block(4, 6, stride 2), block(6, 6)] -> pool -> fc."""
+
+    def __init__(self, block: type, channels: int = 4) -> None:
+        super().__init__()
+        expansion = 2 if block is TorchvisionBottleneck else 1
+        self.stem = nn.Conv2d(1, channels * expansion, 3, padding=1)
+        c = channels * expansion
+        self.layer = nn.Sequential(block(c, channels), block(channels * expansion, channels + 2, stride=2),
+                                   block((channels + 2) * expansion, channels + 2))
+        self.fc = nn.Linear((channels + 2) * expansion, 3)
+
+    def forward(self, x):
+        return self.fc(self.layer(self.stem(x)).mean(dim=(2, 3)))
+
+
+INPLACE_BLOCKS = {"BasicBlock": (TorchvisionBasicBlock, ("bn2.weight", "bn2.bias")),
+                  "Bottleneck": (TorchvisionBottleneck, ("bn3.weight", "bn3.bias")),
+                  "PreActBlock": (ResISTPreActBlock, ("conv2.weight",))}
+
+
+@pytest.mark.parametrize("name", list(INPLACE_BLOCKS))
+def test_inplace_residual_adds_are_blocks(name):
+    """``out += identity`` (aten.add_) is a residual add: its blocks are found, dropped and scaled exactly."""
+    block, carriers = INPLACE_BLOCKS[name]
+    torch.manual_seed(0)
+    model = InplaceNet(block).double()
+    _perturb_norms(model)
+    ist = istfx.compile(model, subnets=2, example_inputs=(inputs("resnet", 4),), blocks="*", width=True)
+    adds = {n.name for n in ist.captured.module.graph.nodes if n.target is torch.ops.aten.add_.Tensor}
+    assert adds, "the capture keeps the in-place add"
+    assert [b.module for b in ist.plan.blocks] == ["layer.0", "layer.2"]
+    assert [b.module for b in ist.plan.shared_blocks] == ["layer.1"]
+    assert {br.add for b in ist.plan.blocks for br in b.branches} <= adds
+    assert sorted(ist._fold_targets) == sorted(f"layer.{i}.{c}" for i in (0, 2) for c in carriers)
+    for round in (0, 1):
+        check_round_trip(ist, round)
+        check_mask_equivalence(ist, inputs("resnet", 3, seed=round), round)
+    check_inference_scaling(ist, inputs("resnet", 4, seed=7))
+
+
+def test_inplace_add_onto_the_skip():
+    """``x += f(x)``: the skip itself is updated in place; dropping the branch leaves x."""
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(6, 6), nn.Linear(6, 6)
+
+        def forward(self, x):
+            x = x.clone()
+            x += self.fc2(torch.relu(self.fc1(x)))
+            return x
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), Block(), Block(), nn.Linear(6, 3)).double()
+    ist = istfx.compile(model, subnets=2, example_inputs=(inputs("mlp", 4),), blocks="*", width=False)
+    assert [b.module for b in ist.plan.blocks] == ["1", "2"]
+    x = inputs("mlp", 5, seed=1)
+    held = ist.plan.block_assignment(0)
+    for s, subnet in enumerate(ist.decompose(0)):
+        h = model[0](x)
+        for b in (1, 2):
+            if b - 1 in held[s]:
+                h = h + model[b].fc2(torch.relu(model[b].fc1(h)))
+        assert_close(subnet(x), model[3](h), f"subnet {s}")
+
+
+# -- scaled residual branches: x + c * f(x), LayerScale, drop-path -----------------------------------
+
+
+class LayerScale(nn.Module):
+    """timm's LayerScale: ``x * gamma`` (``x.mul_(gamma)`` in place when asked)."""
+
+    def __init__(self, dim: int, init: float = 0.1, inplace: bool = False, conv: bool = False) -> None:
+        super().__init__()
+        self.inplace = inplace
+        self.gamma = nn.Parameter(init * torch.linspace(0.5, 1.5, dim).reshape((dim, 1, 1) if conv else (dim,)))
+
+    def forward(self, x):
+        return x.mul_(self.gamma) if self.inplace else x * self.gamma
+
+
+def drop_path_timm(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
+    """timm's drop_path: ``x.div(keep) * bernoulli mask`` per sample in training, the identity in eval."""
+    if rate == 0.0 or not training:
+        return x
+    keep = 1 - rate
+    mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+    return x.div(keep) * mask
+
+
+def stochastic_depth_torchvision(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
+    """torchvision.ops.stochastic_depth(mode='row'): noise drawn in place, ``noise.div_`` unassigned."""
+    if not training or rate == 0.0:
+        return x
+    survival = 1.0 - rate
+    noise = torch.empty([x.shape[0]] + [1] * (x.ndim - 1), dtype=x.dtype, device=x.device)
+    noise = noise.bernoulli_(survival)
+    noise.div_(survival)
+    return x * noise
+
+
+class DropPath(nn.Module):
+    def __init__(self, rate: float, style: str = "timm") -> None:
+        super().__init__()
+        self.rate, self.style = rate, style
+
+    def forward(self, x):
+        fn = drop_path_timm if self.style == "timm" else stochastic_depth_torchvision
+        return fn(x, self.rate, self.training)
+
+
+class ScaledBlock(nn.Module):
+    """``x + scale(f(x))`` with ``scale`` one of the patterns of public zoos.
+
+    ``factor`` (a Python float, 1 at capture) multiplies the branch output in
+    the reference copies of the tests; it adds no node to the captured graph.
+    """
+
+    def __init__(self, d: int, kind: str, rate: float = 0.0) -> None:
+        super().__init__()
+        self.kind, self.factor = kind, 1.0
+        self.fc1, self.fc2 = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+        self.ls = LayerScale(d, inplace=kind == "layerscale_inplace")
+        self.drop_path = DropPath(rate, "torchvision" if kind == "stochastic_depth" else "timm")
+
+    def forward(self, x):
+        h = torch.relu(self.fc2(torch.relu(self.fc1(x))))  # ends in a ReLU: the walk goes through it
+        if self.kind == "const":
+            out = 0.5 * h
+        elif self.kind == "const_div":
+            out = h / 4
+        elif self.kind in ("layerscale", "layerscale_inplace"):
+            out = self.drop_path(self.ls(h))
+        else:  # drop-path alone
+            out = self.drop_path(h)
+        if self.factor != 1.0:
+            out = out * self.factor
+        return x + out
+
+
+SCALED_KINDS = {"const": "fc2", "const_div": "fc2", "layerscale": "ls.gamma", "layerscale_inplace": "ls.gamma",
+                "drop_path": "fc2", "stochastic_depth": "fc2"}
+
+
+def _scaled_model(kind: str, rate: float) -> nn.Module:
+    torch.manual_seed(3)
+    blocks = [ScaledBlock(6, kind, rate) for _ in range(3)]
+    return nn.Sequential(nn.Linear(5, 6), *blocks, nn.Linear(6, 3)).double()
+
+
+def _with_factors(model: nn.Module, factors: dict[int, float]) -> nn.Module:
+    copy_ = copy.deepcopy(model)
+    for i, f in factors.items():
+        copy_[i].factor = f
+    return copy_
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.3])
+@pytest.mark.parametrize("kind", list(SCALED_KINDS))
+def test_scaled_branches_carry_the_evaluation_scale(kind, rate):
+    """x + c*f(x), LayerScale and drop-path branches: blocks found, eval scale folded into gamma or fc2, exactly."""
+    model = _scaled_model(kind, rate)
+    ist = istfx.compile(model, subnets=3, example_inputs=(inputs("mlp", 4),), blocks="*", width=False)
+    assert [b.module for b in ist.plan.blocks] == ["1", "2", "3"]
+    carrier = SCALED_KINDS[kind]
+    suffixes = ("",) if carrier.endswith("gamma") else (".weight", ".bias")
+    assert sorted(ist._fold_targets) == sorted(f"{i}.{carrier}{s}" for i in (1, 2, 3) for s in suffixes)
+    p = ist.plan.keep_probability
+    x = inputs("mlp", 6, seed=2)
+    before = snapshot(model)
+    expected_out = _with_factors(model, {i: p for i in (1, 2, 3)}).eval()(x)
+    with ist.inference_scaling() as scaled:
+        assert_close(scaled.eval()(x), expected_out, "eval-time scaling equals scaling the branch output")
+    model.train()
+    assert_bitwise(before, snapshot(model), "parameters after inference_scaling")
+    # A skipped block equals the full model with its branch zeroed (training mode; masks need the same draws,
+    # so the reference is compared only where no random draw is skipped: rate 0, or every block held).
+    for round in (0, 1):
+        held = ist.plan.block_assignment(round)
+        for s, subnet in enumerate(ist.decompose(round)):
+            reference = _with_factors(model, {i: (1.0 if i - 1 in held[s] else 0.0) for i in (1, 2, 3)}).train()
+            if rate and len(held[s]) < 3:
+                continue
+            torch.manual_seed(round)
+            got = subnet(x)
+            torch.manual_seed(round)
+            assert_close(got, reference(x), f"{kind}: subnet {s} of round {round}")
+        check_round_trip(ist, round)
+
+
+def test_drop_path_subnet_draws_like_the_model():
+    """With every block held (min_depth = all), a drop-path subnet draws the model's masks: equal outputs."""
+    model = _scaled_model("layerscale", 0.5)
+    ist = istfx.compile(model, subnets=2, example_inputs=(inputs("mlp", 4),), blocks="*", width=True, min_depth=3)
+    x = inputs("mlp", 16, seed=4)
+    slices = ist.slices(0)
+    for s, subnet in enumerate(ist.decompose(0)):
+        reference = copy.deepcopy(model).train()
+        with torch.no_grad():
+            for name, value in masked_state(ist, slices, s).items():
+                model_tensor(ist, reference, name).copy_(value)
+        torch.manual_seed(9)
+        got = subnet(x)
+        torch.manual_seed(9)
+        want = reference(x)
+        assert_close(got, want, f"subnet {s}")
+        torch.manual_seed(10)
+        assert not torch.allclose(subnet(x), got), "the masks are random"
+
+
+def test_train_scaling_of_a_layerscale_branch_hand_computed():
+    """depth_scaling='train' on x + gamma * f(x): held branches times 1/p, written out by hand."""
+    model = _scaled_model("layerscale", 0.0)
+    ist = istfx.compile(model, subnets=3, example_inputs=(inputs("mlp", 4),), blocks="*", width=False,
+                        depth_scaling="train")
+    p = ist.plan.keep_probability
+    x = inputs("mlp", 5, seed=3)
+    held = ist.plan.block_assignment(2)
+    for s, subnet in enumerate(ist.decompose(2)):
+        h = model[0](x)
+        for i in (1, 2, 3):
+            if i - 1 in held[s]:
+                blk = model[i]
+                h = h + blk.ls.gamma * torch.relu(blk.fc2(torch.relu(blk.fc1(h)))) / p
+        assert_close(subnet(x), model[4](h), f"subnet {s}")
+
+
+def test_branch_without_a_carrier_names_block_and_op():
+    """A branch ending in tanh has no parameter to carry p: the error names the block, the op and the line."""
+
+    class Root(nn.Module):  # the residual add sits in the model's own forward: the block is the root
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(6, 6)
+
+        def forward(self, x):
+            return x + torch.tanh(self.fc(x))
+
+    with pytest.raises(ISTError) as info:
+        istfx.compile(Root(), subnets=1, example_inputs=(torch.randn(4, 6),), blocks="*", width=False)
+    message = str(info.value)
+    assert message.startswith("block <root> (")
+    assert "return x + torch.tanh(self.fc(x))" in message
+    assert "tanh" in message and "depth_scaling='train'" in message
+    ist = istfx.compile(Root(), subnets=1, example_inputs=(torch.randn(4, 6),), blocks="*", width=False,
+                        depth_scaling="train")
+    assert [b.name for b in ist.plan.blocks][0].startswith("<root> (")
+
+
+def test_a_factor_computed_from_the_carrier_is_refused():
+    """x + f(x) * f(x).mean(): scaling fc's parameters by p scales the output by p^2, so fc is no carrier."""
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(6, 6)
+
+        def forward(self, x):
+            h = self.fc(x)
+            return x + h * h.mean(dim=-1, keepdim=True)
+
+    model = nn.Sequential(Block(), Block())
+    with pytest.raises(ISTError, match=r"block 0: .*a factor of its branch output is computed from linear"):
+        istfx.compile(model, subnets=1, example_inputs=(torch.randn(4, 6),), blocks="*", width=False)

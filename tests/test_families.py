@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+import transformers as tf
 from conftest import (
     Inputs,
     check_coverage,
@@ -20,6 +21,7 @@ from conftest import (
     check_sgd_step,
 )
 from torch import nn
+from torch_geometric.nn import models as pyg_models
 
 import istfx
 
@@ -62,9 +64,8 @@ def _graph_inputs(variant: int) -> Inputs:
 
 def _gnn(cls_name: str) -> Callable[[], nn.Module]:
     def build() -> nn.Module:
-        models = pytest.importorskip("torch_geometric.nn.models")
         torch.manual_seed(0)
-        return getattr(models, cls_name)(34, 16, num_layers=2, out_channels=4).double()
+        return getattr(pyg_models, cls_name)(34, 16, num_layers=2, out_channels=4).double()
 
     return build
 
@@ -83,7 +84,6 @@ def _hf_inputs(variant: int) -> Inputs:
 
 
 def _bert() -> nn.Module:
-    tf = pytest.importorskip("transformers")
     torch.manual_seed(0)
     config = tf.BertConfig(
         vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
@@ -93,7 +93,6 @@ def _bert() -> nn.Module:
 
 
 def _gpt2() -> nn.Module:
-    tf = pytest.importorskip("transformers")
     torch.manual_seed(0)
     config = tf.GPT2Config(
         vocab_size=VOCAB, n_embd=48, n_layer=2, n_head=4, n_inner=96, n_positions=64,
@@ -104,7 +103,6 @@ def _gpt2() -> nn.Module:
 
 
 def _llama() -> nn.Module:
-    tf = pytest.importorskip("transformers")
     torch.manual_seed(0)
     config = tf.LlamaConfig(
         vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -148,10 +146,6 @@ def _compile(family: Family, policy: str = "disjoint", seed: int = 0, subnets: i
 
 @pytest.fixture(params=list(FAMILIES))
 def family(request) -> Family:
-    if request.param in GRAPHS:
-        pytest.importorskip("torch_geometric")
-    else:
-        pytest.importorskip("transformers")
     return FAMILIES[request.param]
 
 
@@ -164,7 +158,6 @@ def _split_members(ist: istfx.ISTModel) -> set[str]:
 
 @pytest.mark.parametrize("name", GRAPHS)
 def test_graph_hidden_features_are_split(name: str) -> None:
-    pytest.importorskip("torch_geometric")
     ist = _compile(FAMILIES[name])
     members = _split_members(ist)
     assert any(re.fullmatch(r"convs\.\d+\.lin(_l|_r)?\.weight", t) for t in members), str(ist.plan)
@@ -172,7 +165,6 @@ def test_graph_hidden_features_are_split(name: str) -> None:
 
 @pytest.mark.parametrize("name", TRANSFORMERS)
 def test_transformer_ffn_split_and_d_model_whole(name: str) -> None:
-    pytest.importorskip("transformers")
     ist = _compile(FAMILIES[name])
     plan = ist.plan
     members = _split_members(ist)
@@ -220,7 +212,6 @@ def test_mask_equivalence_forward(family: Family, policy: str) -> None:
 @pytest.mark.parametrize("name", TRANSFORMERS)
 def test_mask_equivalence_split_inner(name: str) -> None:
     """With split_inner=True head_dim-like axes are cut too; whatever is split stays exact."""
-    pytest.importorskip("transformers")
     family = FAMILIES[name]
     ist = _compile(family, "disjoint", split_inner=True)
     assert any(ist.plan.groups[g].inner for g in ist.plan.split), str(ist.plan)

@@ -17,6 +17,7 @@ import subprocess
 import sys
 
 import pytest
+import pymetis  # noqa: F401  (the test extra: METIS clusters)
 import torch
 import torch.nn.functional as F
 
@@ -25,8 +26,6 @@ from istfx.graph import gist, graphs
 from istfx.cli.train import main as train_main
 from istfx.graph.graphs import IGNORE_INDEX, Graph, GraphError
 from istfx.models import GCN
-
-pytest.importorskip("pymetis")
 
 
 @pytest.fixture(autouse=True)
@@ -125,7 +124,8 @@ def test_gist_learns_an_easy_sbm(easy, mode):
 
 
 def test_gist_on_karate_club():
-    datasets = pytest.importorskip("torch_geometric.datasets")
+    from torch_geometric import datasets
+
     data = datasets.KarateClub()[0]
     graph = Graph(data.x, data.edge_index, data.y, train_mask=data.train_mask, test_mask=~data.train_mask,
                   name="karate")

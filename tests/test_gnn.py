@@ -36,13 +36,12 @@ from conftest import (
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
+from torch_geometric.nn import models as pyg_models
 
 import istfx
 from istfx.errors import ISTError
 from istfx.core.groups import APPROXIMATE, EXACT
 from istfx.models import GCN, GraphSAGE
-
-pyg_models = pytest.importorskip("torch_geometric.nn.models")
 
 SETTINGS = {"deadline": None, "suppress_health_check": [HealthCheck.too_slow]}
 OUT = 3  # output classes

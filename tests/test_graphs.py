@@ -16,7 +16,9 @@ import gzip
 import json
 
 import numpy as np
+import pymetis  # noqa: F401  (the test extra: METIS clusters)
 import pytest
+import scipy.sparse as sparse
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -24,8 +26,6 @@ from hypothesis import strategies as st
 from conftest import examples
 from istfx.graph import datasets as graph_datasets, graphs
 from istfx.graph.graphs import IGNORE_INDEX, ClusterBatches, Graph, GraphError, Partition, metis_clusters
-
-pytest.importorskip("pymetis")
 
 
 @st.composite
@@ -205,7 +205,8 @@ def test_a_million_edge_sbm_partitions_and_batches(tmp_path):
 
 # -- scores ----------------------------------------------------------------------------------------------------------
 def test_micro_f1_matches_scikit_learn():
-    metrics = pytest.importorskip("sklearn.metrics")
+    from sklearn import metrics
+
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(50, 4, generator=gen)
     targets = torch.randint(0, 4, (50,), generator=gen)
@@ -235,7 +236,6 @@ def _tiny(seed: int = 0):
 
 @pytest.mark.parametrize("fmt", ["coo", "csr"])
 def test_reddit_loader_reads_pyg_raw_files(tmp_path, fmt):
-    sparse = pytest.importorskip("scipy.sparse")
     n, x, y, edges = _tiny()
     raw = tmp_path / "raw"
     raw.mkdir()

@@ -21,6 +21,7 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
+import transformers as tf
 from torch import nn
 
 import istfx
@@ -56,7 +57,6 @@ def _ids(batch: int = 2, length: int = 8, seed: int = 0) -> torch.Tensor:
 
 
 def _llama(heads: int = 4, kv_heads: int = 2, hidden: int = 32, layers: int = 2) -> nn.Module:
-    tf = pytest.importorskip("transformers")
     torch.manual_seed(0)
     config = tf.LlamaConfig(
         vocab_size=VOCAB, hidden_size=hidden, intermediate_size=64, num_hidden_layers=layers,

@@ -1,4 +1,4 @@
-"""The invariants of DESIGN.md on the Hugging Face model zoo of ``benchmarks/zoo.py``.
+"""The IST invariants (tests/conftest.py) on the Hugging Face model zoo of ``benchmarks/zoo.py``.
 
 Each model is tiny (hidden 32, 2 layers, 4 heads or 4 KV groups, vocabulary 97), float64,
 random weights, dropout 0, compiled at S = 2. Per model: attention heads and
@@ -14,10 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers  # noqa: F401  (the test extra: the zoo is Hugging Face models)
 
 from conftest import check_coverage, check_forward_equivalence, check_interface, check_round_trip
-
-pytest.importorskip("transformers")
 
 _PATH = Path(__file__).resolve().parent.parent / "benchmarks" / "zoo.py"
 _spec = importlib.util.spec_from_file_location("istfx_zoo", _PATH)

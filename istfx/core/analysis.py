@@ -125,7 +125,7 @@ class AxisAnalysis:
         return atoms
 
     def _state(self, name: str, gm: fx.GraphModule, node: fx.Node) -> Any:
-        value = _getattr_path(gm, node.target)
+        value = get_attr_path(gm, node.target)
         if not isinstance(value, torch.Tensor):
             return None  # a subgraph module
         if name in self.state:
@@ -165,10 +165,10 @@ class AxisAnalysis:
     def _call_subgraph(self, gm: fx.GraphModule, path: str, node: fx.Node, env: dict) -> Any:
         args = list(node.args)
         sub_pos = next(i for i, a in enumerate(args) if isinstance(a, fx.Node) and a.op == "get_attr"
-                       and isinstance(_getattr_path(gm, a.target), fx.GraphModule))
+                       and isinstance(get_attr_path(gm, a.target), fx.GraphModule))
         sub_target = args[sub_pos].target
         operands = [_lookup(env, a) for a in args[sub_pos + 1:]]
-        sub = _getattr_path(gm, sub_target)
+        sub = get_attr_path(gm, sub_target)
         outputs = self._run_graph(sub, f"{path}{sub_target}.", inputs=operands)
         return outputs
 
@@ -186,7 +186,8 @@ def source_line(node: fx.Node) -> str:
     return f"{file}:{line} `{code.strip()}`"
 
 
-def _getattr_path(obj: Any, target: str) -> Any:
+def get_attr_path(obj: Any, target: str) -> Any:
+    """``obj.a.b.c`` for ``target == "a.b.c"``: a submodule, parameter or buffer by dotted name."""
     for part in target.split("."):
         obj = getattr(obj, part)
     return obj

@@ -154,14 +154,6 @@ class AxisAlgebra:
                 self.unify(child, same)
         return self.find(ra)
 
-    def unify_or_freeze(self, a: int, b: int, reason: str) -> None:
-        """Unify when sizes agree; otherwise freeze both (never guess)."""
-        if self.size(a) == self.size(b):
-            self.unify(a, b)
-        else:
-            self.freeze(a, reason)
-            self.freeze(b, reason)
-
     # -- refinement ----------------------------------------------------------
     def refine(self, atom: int, kind: str, sizes: Sequence[int]) -> list[int]:
         """Atoms for `sizes`, a factorisation (PRODUCT) or partition (CONCAT) of `atom`.

@@ -20,9 +20,9 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
-from istfx.core.analysis import AnalysisResult, AxisAnalysis
+from istfx.core.analysis import AnalysisResult, AxisAnalysis, get_attr_path
 from istfx.core.capture import Captured, capture, infer_example_inputs, normalize_example_inputs
-from istfx.errors import ISTError, NonFiniteUpdateError, UnsupportedOpError
+from istfx.errors import ISTError, NonFiniteUpdateError, NothingToSplitError, UnsupportedOpError
 from istfx.core.groups import EXACT, build_groups
 from istfx.core.plan import Plan, Policy, parse_policy
 from istfx.core.slicing import RoundSlices
@@ -75,7 +75,7 @@ class ISTModel:
             return self.model.get_parameter(name)
         if kind == "buffer":
             return self.model.get_buffer(name)
-        return _get_attr(self.captured.module, name)
+        return get_attr_path(self.captured.module, name)
 
     @property
     def trainable_state(self) -> list[str]:
@@ -199,7 +199,7 @@ class ISTModel:
         for subnet, weight in zip(subnets, weights):
             index = subnet.istfx_subnet.index
             state = _named_state(subnet)
-            bad = [n for n in self.trainable_state if n in state and not _all_finite(state[n])]
+            bad = [n for n in self.trainable_state if n in state and not all_finite(state[n])]
             if bad:
                 reason = f"non-finite values in {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}"
                 if on_nonfinite == "raise":
@@ -247,7 +247,7 @@ class ISTModel:
             state = _named_state(subnet)
             for name in self.trainable_state:
                 if name in state:
-                    expected = _slice_shape(slices, name, self.state_tensor(name).shape, subnet.istfx_subnet.index)
+                    expected = slices.held_shape(name, self.state_tensor(name).shape, subnet.istfx_subnet.index)
                     if tuple(state[name].shape) != expected:
                         raise ISTError(
                             f"subnet {subnet.istfx_subnet.index}: {name} has shape {tuple(state[name].shape)}, "
@@ -262,7 +262,7 @@ class ISTModel:
         held = self.plan.block_assignment(round)
         params = [n for n, k in self.plan.state_kinds.items() if k == "parameter"]
         return [
-            sum(math.prod(_slice_shape(slices, n, self.plan.state_shapes[n], s))
+            sum(math.prod(slices.held_shape(n, self.plan.state_shapes[n], s))
                 for n in params if n in self.template(s, held[s]).used)
             for s in range(self.plan.subnets)
         ]
@@ -271,28 +271,21 @@ class ISTModel:
         return f"ISTModel({type(self.model).__name__}, subnets={self.plan.subnets})"
 
 
-def _all_finite(tensor: torch.Tensor) -> bool:
-    """One pass: NaN propagates through min/max and +-inf shows in them."""
+def all_finite(tensor: torch.Tensor) -> bool:
+    """True when no element of a floating-point tensor is NaN or +-inf.
+
+    One pass: NaN propagates through min/max and +-inf shows in them.
+    """
     if not tensor.is_floating_point() or tensor.numel() == 0:
         return True
     low, high = torch.aminmax(tensor.detach())
     return bool(torch.isfinite(low) & torch.isfinite(high))
 
 
-def _slice_shape(slices: RoundSlices, name: str, shape, subnet: int) -> tuple[int, ...]:
-    return tuple(size if i is None else len(i) for size, i in zip(shape, slices.indices[subnet][name]))
-
-
 def _named_state(module: nn.Module) -> dict[str, torch.Tensor]:
     state = dict(module.named_parameters())
     state.update(module.named_buffers())
     return state
-
-
-def _get_attr(obj: Any, name: str) -> Any:
-    for part in name.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def compile(
@@ -387,19 +380,6 @@ def compile(
             "overlap) or fewer subnets.", UserWarning, stacklevel=2)
     if not split and not width and not selected:
         raise ISTError("width=False and no blocks= given: nothing would be split. Pass blocks='*' for depth.")
-    if not split and not selected:
-        exact = [g for g in groups if g.status == EXACT]
-        if not exact:
-            reasons = sorted({r for g in groups for r in g.reasons})[:6]
-            raise ISTError(
-                f"nothing in {type(model).__name__} can be split: every axis is frozen or approximate "
-                f"({'; '.join(reasons)}). See istfx inspect for the full analysis."
-            )
-        largest = max(g.units for g in exact)
-        raise ISTError(
-            f"subnets={subnets} is larger than every splittable group of {type(model).__name__} "
-            f"(the largest has {largest} units): use subnets <= {largest}."
-        )
     state_kinds = {n: t.kind for n, t in analysis.state.items()}
     plan = Plan(
         subnets=subnets, groups=groups, split=split, policy=policy, seed=int(seed), sizes=sizes,
@@ -411,6 +391,23 @@ def compile(
     ist._fold_targets = folds
     plan.parameters_per_subnet = ist.subnet_parameter_counts()
     plan.parameters_full = sum(math.prod(s) for n, s in plan.state_shapes.items() if state_kinds[n] == "parameter")
+    # The plan exists even when nothing splits: the error carries it, so callers can show why.
+    if not split and not selected:
+        exact = [g for g in groups if g.status == EXACT]
+        if not exact:
+            reasons = sorted({r for g in groups for r in g.reasons})[:6]
+            raise NothingToSplitError(
+                f"nothing in {type(model).__name__} can be split: every axis is frozen or approximate "
+                f"({'; '.join(reasons)}).",
+                plan,
+                "print(error.plan) or `istfx inspect` shows every group and why.",
+            )
+        largest = max(g.units for g in exact)
+        raise NothingToSplitError(
+            f"subnets={subnets} is larger than every splittable group of {type(model).__name__} "
+            f"(the largest has {largest} units): use subnets <= {largest}.",
+            plan,
+        )
     return ist
 
 
@@ -425,7 +422,7 @@ def _plan_depth(captured: Captured, pattern: str | None, min_depth: int | None, 
         if min_depth is not None:
             raise ISTError("min_depth needs the depth pass: pass blocks='*' (or a module glob) as well.")
         return [], [], []
-    from istfx.passes.depth import find_residual_blocks, fold_targets, group_blocks, select_blocks
+    from istfx.passes.depth import find_carrier, find_residual_blocks, group_blocks, select_blocks
 
     found, shortcuts = find_residual_blocks(captured.module)
     if group is not None:
@@ -447,11 +444,11 @@ def _plan_depth(captured: Captured, pattern: str | None, min_depth: int | None, 
     if scaling == "eval":
         for block in selected:
             for branch in block.branches:
-                targets = fold_targets(captured.module, branch)
+                targets, why = find_carrier(captured.module, branch)
                 if targets is None:
                     raise ISTError(
-                        f"block {block.module}: its branch does not end in a linear op whose parameters can "
-                        "carry the evaluation scale; compile with depth_scaling='train'."
+                        f"block {block.name}: nothing can carry the evaluation scale p: {why}. "
+                        "Compile with depth_scaling='train' (branches scaled by 1/p while training) instead."
                     )
                 folds.extend(t for t in targets if t not in folds)
     return selected, shared, folds

@@ -109,4 +109,6 @@ def _walk(alg, atom: int, offset: int, length: int, unit: int, inner: bool):
         seen_major = False
         for child, size, child_unit in zip(ref.children, sizes, strides):
             yield from _walk(alg, child, offset, length, child_unit, inner or seen_major)
-            seen_major = seen_major or size > 1
+            # A frozen major factor (the q/k/v selector of a packed projection, a folded batch) is never
+            # cut, so the factors after it are not minor factors of anything a plan can cut.
+            seen_major = seen_major or (size > 1 and not alg.flags(child).frozen)

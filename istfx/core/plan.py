@@ -147,10 +147,6 @@ class Plan:
         return out
 
     # -- reporting -------------------------------------------------------------
-    def group(self, gid: int) -> Group:
-        """The group with id `gid`."""
-        return self.groups[gid]
-
     def to_dict(self) -> dict:
         """The plan as plain data (what `istfx inspect --json` prints)."""
         return {

@@ -9,7 +9,7 @@ buffers all go through the same two functions.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 
@@ -51,6 +51,10 @@ class RoundSlices:
     def is_cut(self, name: str) -> bool:
         """True when some dimension of tensor `name` is cut."""
         return any(i is not None for i in self.indices[0][name])
+
+    def held_shape(self, name: str, shape: Sequence[int], subnet: int) -> tuple[int, ...]:
+        """Shape of subnet `subnet`'s slice of tensor `name`, whose full shape is `shape`."""
+        return tuple(size if i is None else len(i) for size, i in zip(shape, self.indices[subnet][name]))
 
     def take(self, name: str, full: torch.Tensor, subnet: int) -> torch.Tensor:
         """A new tensor holding subnet `subnet`'s slice of `full` (never a view)."""
@@ -147,6 +151,3 @@ def _gather(full: torch.Tensor, index: Index) -> torch.Tensor:
         if i is not None:
             out = out.index_select(dim, i)
     return out
-
-
-KeptFn = Callable[[int], int]

@@ -22,7 +22,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch import nn
 
-from istfx.core.analysis import AnalysisResult
+from istfx.core.analysis import AnalysisResult, get_attr_path
 
 if TYPE_CHECKING:
     from istfx.passes.depth import Branch
@@ -48,7 +48,7 @@ class SubnetTemplate:
             module = copy.deepcopy(base, memo)
         touched: set[int] = set()
         for (path, node_name), rewriters in analysis.rewriters.items():
-            graph_module = module if not path else _get(module, path.rstrip("."))
+            graph_module = module if not path else get_attr_path(module, path.rstrip("."))
             node = _node(graph_module, node_name)
             for rewrite in rewriters:
                 rewrite(node, new_size)
@@ -164,12 +164,6 @@ def _state_tensors(module: nn.Module):
             if isinstance(v, torch.Tensor) and id(v) not in seen:
                 seen.add(id(v))
                 yield v
-
-
-def _get(obj, path: str):
-    for part in path.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _node(gm: fx.GraphModule, name: str) -> fx.Node:

@@ -47,14 +47,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from istfx.errors import ISTError
+from istfx.runtime.data import IGNORE_INDEX
 
 __all__ = [
     "IGNORE_INDEX", "ClusterBatches", "Graph", "GraphError", "Partition", "cache_dir", "evaluate_nodes",
     "mask_from_index", "masked_targets", "metis_clusters", "micro_f1", "node_loss", "sbm",
 ]
 
-IGNORE_INDEX = -100
-"""Label of nodes whose loss is not taken (``torch.nn.functional.cross_entropy``'s default ignore_index)."""
 
 
 class GraphError(ISTError):

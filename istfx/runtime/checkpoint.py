@@ -149,11 +149,6 @@ def _atomic_text(path: Path, text: str) -> None:
     _atomic(path, write)
 
 
-def read_metadata(path: str | os.PathLike) -> dict:
-    with TensorFile(path) as handle:
-        return json.loads(handle.metadata.get(_META_KEY, "{}"))
-
-
 def load_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
     """All tensors of a safetensors file and its istfx metadata (read, not mapped)."""
     with TensorFile(path) as handle:

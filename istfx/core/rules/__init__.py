@@ -74,15 +74,38 @@ def _key(op: Any) -> str:
 
 
 def lookup(node: fx.Node) -> Callable[[OpContext], None] | None:
-    """The rule for a node's op: exact overload, then op name, then the pointwise tag."""
+    """The rule for a node's op: exact overload, then op name, then the pointwise tag, then, for an
+    in-place op (``hardswish_``, ``relu_``, ``add_``: tag ``inplace``), its out-of-place op's rule."""
     target = node.target
     if isinstance(target, torch._ops.OpOverload):
-        full = f"{target.namespace}.{target._opname}.{target._overloadname}"
-        rule = RULES.get(full) or RULES.get(f"{target.namespace}.{target._opname}")
-        if rule is None and torch.Tag.pointwise in target.tags:
-            return rule_pointwise
-        return rule
+        return _op_rule(target)
     return RULES.get(op_name(node))
+
+
+def _op_rule(target: torch._ops.OpOverload) -> Callable[[OpContext], None] | None:
+    full = f"{target.namespace}.{target._opname}.{target._overloadname}"
+    rule = RULES.get(full) or RULES.get(f"{target.namespace}.{target._opname}")
+    if rule is None and torch.Tag.pointwise in target.tags:
+        return rule_pointwise
+    if rule is None and torch.Tag.inplace in target.tags:
+        functional = _out_of_place(target)
+        if functional is not None:
+            return _op_rule(functional)
+    return rule
+
+
+def _out_of_place(target: torch._ops.OpOverload) -> torch._ops.OpOverload | None:
+    """``aten.hardswish_.default`` -> ``aten.hardswish.default``: the op an in-place op writes into `self`.
+
+    Its rule holds for the in-place op too: the output is `self` (same shape),
+    which the out-of-place rule pairs with `self`'s axes.
+    """
+    if not target._opname.endswith("_"):
+        return None
+    packet = getattr(getattr(torch.ops, target.namespace), target._opname[:-1], None)
+    if packet is None:
+        return None
+    return getattr(packet, target._overloadname, None)
 
 
 def _table(rule: Callable[[OpContext], None], *ops: str) -> None:
@@ -153,20 +176,17 @@ _table(rule_creation, "aten.zeros", "aten.ones", "aten.full", "aten.empty", "ate
 _table(rule_positions, "aten.arange", "aten.tril", "aten.triu", "aten.eye", "aten.tril_", "aten.triu_")
 _table(rule_copy, "aten.copy_", "aten.copy")
 _table(rule_pointwise, "aten.dropout", "aten.where", "aten.clamp", "aten.clamp_min", "aten.clamp_max",
-       "aten.masked_fill", "aten.masked_fill_", "aten.native_dropout", "aten.feature_dropout",
+       "aten.masked_fill", "aten.native_dropout", "aten.feature_dropout",
        "aten.alpha_dropout", "aten.lerp", "aten.addcmul", "aten.addcdiv", "aten.hardtanh",
-       "aten.hardtanh_", "aten.gelu", "aten.silu", "aten.mish", "aten.softplus", "aten.elu",
+       "aten.gelu", "aten.silu", "aten.mish", "aten.softplus", "aten.elu",
        "aten.leaky_relu", "aten.hardswish", "aten.hardsigmoid", "aten.relu6", "aten.celu", "aten.selu",
-       "aten.glu_not_supported", "aten.__and__", "aten.__or__", "aten.__xor__", "aten.logical_not",
-       "aten.type_as", "aten.nan_to_num", "aten.pow", "aten.pow_", "aten.fill_", "aten.fill",
-       "aten.zero_", "aten.bernoulli", "aten.bernoulli_", "aten.threshold", "aten.rsub",
-       # in-place binary ops: the second operand broadcasts into `self`
-       "aten.add_", "aten.sub_", "aten.mul_", "aten.div_", "aten.clamp_", "aten.clamp_min_", "aten.clamp_max_")
+       "aten.__and__", "aten.__or__", "aten.__xor__", "aten.logical_not",
+       "aten.type_as", "aten.nan_to_num", "aten.pow", "aten.fill_", "aten.fill",
+       "aten.zero_", "aten.bernoulli", "aten.bernoulli_", "aten.threshold", "aten.rsub")
+# In-place ops (relu_, add_, hardswish_...) need no line: `lookup` gives them their out-of-place op's rule.
 _table(rule_identity, "aten.to", "aten._to_copy", "aten.contiguous", "aten.clone", "aten.detach",
        "aten.detach_", "aten.alias", "aten.lift_fresh_copy", "aten.lift_fresh", "aten.requires_grad_",
-       "aten.clone_", "aten.relu_", "aten.sigmoid_", "aten.tanh_", "aten.neg_", "aten.exp_", "aten.sqrt_",
-       "aten.dropout_", "aten.float", "aten.double", "aten.half", "aten.bfloat16",
-       "aten.type", "aten.resolve_conj", "aten.resolve_neg", "aten.positive")
+       "aten.dropout_", "aten.resolve_conj", "aten.resolve_neg", "aten.positive")
 _table(rule_no_output, "aten._assert_tensor_metadata", "aten._assert_scalar", "aten.sym_constrain_range",
        "aten.sym_constrain_range_for_size", "aten._assert_async", "aten.sym_size", "aten.sym_numel",
        "aten.sym_stride", "aten.sym_storage_offset", "aten._local_scalar_dense", "aten.item",
@@ -178,5 +198,5 @@ for _fn in (operator.add, operator.sub, operator.mul, operator.floordiv, operato
             operator.neg, operator.ge, operator.gt, operator.le, operator.lt, operator.eq, operator.ne,
             operator.pow, operator.and_, operator.or_):
     RULES[_fn.__name__] = rule_no_output
-for _name in ("sym_float", "sym_int", "sym_max", "sym_min", "sym_not", "sym_sqrt", "sym_ite", "_sym_sqrt"):
+for _name in ("sym_float", "sym_int", "sym_max", "sym_min", "sym_not", "sym_ite", "_sym_sqrt"):
     RULES[_name] = rule_no_output

@@ -1,11 +1,13 @@
 """Contractions: linear, matmul, convolution, attention, einsum, sums of products."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.fx as fx
 
 from ..axes import PRODUCT
-from .context import OpContext, _dim_list, op_name
+from .context import OpContext, Rewriter, Sym, _dim_list, op_name, set_arg
 from .norm import rule_reduce
 
 
@@ -65,13 +67,23 @@ def rule_baddbmm(ctx: OpContext) -> None:
 
 
 def rule_conv(ctx: OpContext) -> None:
+    """Convolution, plain, grouped, depthwise or transposed.
+
+    With ``groups=G`` the input channels are ``G x C_in/G`` and the output
+    channels ``G x C_out/G`` (a product refinement, like heads x head_dim):
+    group g's outputs contract only group g's inputs. The major factors are one
+    axis, the groups, whose unit is a whole group; the per-group input factor is
+    contracted with the kernel's second axis (``weight[1]``, or ``weight[0]``'s
+    minor factor when transposed). A depthwise conv (``C_in = G``) is the case
+    of one input channel per group: its channels are the groups. The ``groups``
+    argument follows the number of groups a subnet keeps.
+    """
     x, w = ctx.axes("input"), ctx.axes("weight")
     transposed = bool(ctx.arg("transposed", False)) or "transpose" in op_name(ctx.node)
     groups = int(ctx.arg("groups", 1) or 1)
     out_dims = ctx.out_dims()
     unbatched = len(x) == len(w) - 1
     out = ctx.fresh(out_dims)
-    c_in, c_out = (w[0], w[1]) if transposed else (w[1], w[0])
     x_ch, out_ch = (x[0], out[0]) if unbatched else (x[1], out[1])
     if not unbatched:
         ctx.same(out[0], x[0])
@@ -79,19 +91,43 @@ def rule_conv(ctx: OpContext) -> None:
         ctx.freeze(a, "convolution kernel window")
     for a in out[len(out) - (len(w) - 2):]:
         ctx.freeze(a, "spatial size follows the input")
-    if groups == 1:
-        ctx.same(x_ch, c_in)
-        ctx.same(out_ch, c_out)
-    elif ctx.dim(x_ch) == groups and ctx.dim(out_ch) == groups and not transposed:
-        ctx.same(x_ch, out_ch)  # depthwise: channel c only sees channel c
+    if transposed:  # weight [C_in, C_out/G, k...]
+        ctx.same(x_ch, w[0])
+        in_full, out_per_group_axis = w[0], w[1]
+    else:  # weight [C_out, C_in/G, k...]
         ctx.same(out_ch, w[0])
-        ctx.freeze(w[1], "depthwise kernel axis")
+        in_full, out_per_group_axis = x_ch, None
+    if groups == 1:
+        if transposed:
+            ctx.same(out_ch, w[1])
+        else:
+            ctx.same(x_ch, w[1])
     else:
-        for a in (x_ch, out_ch, w[0], w[1]):
-            ctx.freeze(a, f"grouped convolution (groups={groups})")
+        c_in, c_out = ctx.dim(x_ch), ctx.dim(out_ch)
+        if isinstance(c_in, Sym) or isinstance(c_out, Sym) or c_in % groups or c_out % groups:
+            for a in (x_ch, out_ch, *w[:2]):
+                ctx.freeze(a, f"grouped convolution (groups={groups}) over channels of unknown size")
+        else:
+            in_groups, in_per_group = ctx.alg.refine(in_full, PRODUCT, [groups, c_in // groups])
+            out_groups, out_per_group = ctx.alg.refine(out_ch, PRODUCT, [groups, c_out // groups])
+            ctx.same(in_groups, out_groups)
+            if transposed:
+                ctx.same(out_per_group, out_per_group_axis)
+            else:
+                ctx.same(in_per_group, w[1])
+            ctx.rewrite(_rewrite_groups(in_groups))
     if ctx.arg("bias") is not None:
         ctx.same(out_ch, ctx.axes("bias")[0])
     ctx.output(out)
+
+
+def _rewrite_groups(groups_atom: int) -> Rewriter:
+    """``groups`` of a grouped convolution follows the number of groups a subnet keeps."""
+
+    def rewrite(node: fx.Node, new_size: Callable[[int], int]) -> None:
+        set_arg(node, "groups", new_size(groups_atom))
+
+    return rewrite
 
 
 def rule_sdpa(ctx: OpContext) -> None:

@@ -11,9 +11,11 @@ from .reshape import _rewrite_size_list
 def rule_pointwise(ctx: OpContext) -> None:
     """Elementwise op with broadcasting; scalars and non-tensors are ignored."""
     tensors = [v for v in _flat_values(ctx.bound) if ctx.is_tensor(v)]
-    out = ctx.fresh(ctx.out_dims())
+    val = ctx.node.meta.get("val")
+    tuple_out = isinstance(val, (tuple, list))  # native_dropout: (output, mask), both shaped like the output
+    out = ctx.fresh(ctx.out_dims(0 if tuple_out else None))
     ctx.broadcast(out, [ctx.axes(t) for t in tensors])
-    ctx.output(out)
+    ctx.output([list(out) for _ in val] if tuple_out else out)
 
 
 def rule_identity(ctx: OpContext) -> None:

@@ -131,10 +131,17 @@ def rule_index_put(ctx: OpContext) -> None:
 
 
 def rule_masked_scatter_like(ctx: OpContext) -> None:
+    """masked_scatter/masked_select: which positions are written or read is data."""
     x = ctx.axes("self")
     for a in x:
         ctx.freeze(a, "positions chosen by data")
-    ctx.output(list(x))
+    if len(ctx.out_dims()) == len(x):
+        ctx.output(list(x))
+    else:  # masked_select: the selected elements, flattened
+        out = ctx.fresh(ctx.out_dims())
+        for a in out:
+            ctx.freeze(a, "positions chosen by data")
+        ctx.output(out)
 
 
 def rule_embedding(ctx: OpContext) -> None:

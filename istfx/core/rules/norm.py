@@ -38,7 +38,7 @@ def rule_layer_norm(ctx: OpContext) -> None:
     for a in normed:
         ctx.approximate(a, "normalised over")
     ctx.rewrite(_rewrite_size_list("normalized_shape", normed))
-    ctx.output(list(x))
+    ctx.output(_with_statistics(ctx, x, len(x) - k))
 
 
 def rule_rms_norm(ctx: OpContext) -> None:
@@ -53,7 +53,27 @@ def rule_group_norm(ctx: OpContext) -> None:
     for a in x[1:]:
         ctx.approximate(a, "normalised over")
     ctx.freeze(x[1], "channels normalised in groups")
-    ctx.output(list(x))
+    ctx.output(_with_statistics(ctx, x, 1))
+
+
+def _with_statistics(ctx: OpContext, x: list[int], lead: int) -> list:
+    """The output axes, and for the native_* variants (out, mean, rstd) the statistics' axes too.
+
+    The statistics keep the input's `lead` leading axes; their other axes (per group, or
+    size 1) are frozen.
+    """
+    val = ctx.node.meta.get("val")
+    if not isinstance(val, (tuple, list)):
+        return list(x)
+    outs = [list(x)]
+    for k in range(1, len(val)):
+        stats = ctx.fresh(ctx.out_dims(k))
+        for a, b in zip(stats[:lead], x[:lead]):
+            ctx.same(a, b)
+        for a in stats[lead:]:
+            ctx.freeze(a, "normalisation statistics")
+        outs.append(stats)
+    return outs
 
 
 def rule_softmax(ctx: OpContext) -> None:
@@ -83,6 +103,13 @@ def rule_reduce(ctx: OpContext) -> None:
 def rule_scan(ctx: OpContext) -> None:
     """cumsum/cumprod/sort/argsort/topk: positions along `dim` matter."""
     x = ctx.axes("self")
+    if "dims" in ctx.bound:  # flip, roll: several axes (roll without dims: the flattened tensor)
+        out = ctx.fresh(ctx.out_dims())
+        ctx.broadcast(out, [x])
+        for d in _dim_list(ctx.arg("dims") or None, len(x)):
+            ctx.freeze(x[d], "order along this axis matters")
+        ctx.output(out)
+        return
     d = _norm_dim(ctx.arg("dim", -1), len(x))
     ctx.freeze(x[d], "order along this axis matters")
     val = ctx.node.meta.get("val")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import operator
 from typing import Any, Callable
 
 import torch.fx as fx
@@ -75,31 +76,150 @@ def _reshape_chunk(ctx: OpContext, chunk_in: list, chunk_out: list, out: list) -
         out[chunk_out[0][0]] = chunk_in[0][0]
         return
     if any(isinstance(d, Sym) for _, d in chunk_in + chunk_out):
-        _freeze_chunk(alg, chunk_in, chunk_out, out, "reshaped together with a dynamic dimension")
+        if not _dynamic_chunk(ctx, chunk_in, chunk_out, out):
+            _freeze_chunk(alg, chunk_in, chunk_out, out, "reshaped together with a dynamic dimension")
         return
-    in_atoms = [a for a, _ in chunk_in]
-    if len(in_atoms) == 1:
-        source = in_atoms[0]
-    else:  # many inputs: an axis that is the product of them
-        source = alg.new(math.prod(d for _, d in chunk_in))
-        for child, a in zip(alg.refine(source, PRODUCT, [d for _, d in chunk_in]), in_atoms):
-            alg.unify(child, a)
-    for (pos, _), atom in zip(chunk_out, alg.refine(source, PRODUCT, [d for _, d in chunk_out])):
+    for (pos, _), atom in zip(chunk_out, _static_view(alg, [a for a, _ in chunk_in], [d for _, d in chunk_out])):
         out[pos] = atom
 
 
-def _rewrite_size_list(arg_name: str, out_axes: list[int], offset: int = 0) -> Rewriter:
-    """Rewriter for a list argument whose static entries are the output's sizes."""
+def _static_view(alg, in_atoms: list[int], out_sizes: list[int]) -> list[int]:
+    """Atoms of static sizes `out_sizes` viewing the row-major product of `in_atoms`."""
+    if not in_atoms and not out_sizes:
+        return []
+    if len(in_atoms) == 1:
+        source = in_atoms[0]
+    else:  # many inputs: an axis that is the product of them
+        source = alg.new(math.prod(alg.size(a) for a in in_atoms))
+        for child, a in zip(alg.refine(source, PRODUCT, [alg.size(a) for a in in_atoms]), in_atoms):
+            alg.unify(child, a)
+    if len(out_sizes) == 1:
+        return [source]
+    return alg.refine(source, PRODUCT, out_sizes)
+
+
+def _coefficient(d: Any) -> tuple[int, Any]:
+    """(static coefficient, symbolic rest) of a size: 4*s0 -> (4, s0); 16 -> (16, None)."""
+    if not isinstance(d, Sym):
+        return int(d), None
+    coeff, rest = d.expr.as_coeff_Mul()
+    if not coeff.is_Integer or int(coeff) < 1:
+        return 1, d.expr
+    return int(coeff), rest
+
+
+def _factors(alg, atom: int, d: Any) -> list[tuple[int, bool]] | None:
+    """The row-major factors of an input axis as (atom, is_dynamic); None when their order is unknown.
+
+    A dynamic axis is one dynamic factor, or a product whose refinement says
+    where its single dynamic factor sits (batch x heads made by an earlier view).
+    """
+    coeff, rest = _coefficient(d)
+    if rest is None:
+        return [(atom, False)]
+    if coeff == 1:
+        return [(atom, True)]
+    ref = alg.refinement(atom)
+    if ref is None or ref.kind != PRODUCT:
+        return None
+    leaves = [(c, alg.symbolic(c) is not None) for c in ref.children]
+    return leaves if sum(dyn for _, dyn in leaves) == 1 else None
+
+
+def _dynamic_chunk(ctx: OpContext, chunk_in: list, chunk_out: list, out: list) -> bool:
+    """A view that folds static axes into one dynamic factor, or unfolds them (batch x heads).
+
+    ``[B, L, 768] -> [B*12, L, 64]`` (BLOOM, nn.MultiheadAttention): the chunk
+    holds one dynamic factor ``B`` on each side; the static factors before and
+    after it are views of each other (the static algebra), and an output axis
+    ``a*B*b`` becomes a product ``[a, B, b]`` whose static factors can be cut.
+    Returns False (the caller freezes) for anything else: several dynamic
+    factors, or a dynamic axis whose internal order is unknown.
+    """
+    alg = ctx.alg
+    ins: list[tuple[int, bool]] = []
+    for a, d in chunk_in:
+        factors = _factors(alg, a, d)
+        if factors is None:
+            return False
+        ins.extend(factors)
+    dynamic = [k for k, (_, dyn) in enumerate(ins) if dyn]
+    sym_out = [(pos, d) for pos, d in chunk_out if isinstance(d, Sym)]
+    if len(dynamic) != 1 or len(sym_out) != 1:
+        return False
+    k = dynamic[0]
+    source = ins[k][0]
+    if _coefficient(sym_out[0][1])[1] != alg.symbolic(source).expr:
+        return False
+    before = math.prod(alg.size(a) for a, _ in ins[:k])
+    sym_pos = next(i for i, (pos, _) in enumerate(chunk_out) if pos == sym_out[0][0])
+    out_before = math.prod(d for _, d in chunk_out[:sym_pos])
+    coeff = _coefficient(sym_out[0][1])[0]
+    if before % out_before or coeff % (before // out_before):
+        return False
+    major = before // out_before  # static factors of the dynamic output axis before and after its dynamic one
+    minor = coeff // major
+    head_sizes = [d for _, d in chunk_out[:sym_pos]] + ([major] if major > 1 else [])
+    tail_sizes = ([minor] if minor > 1 else []) + [d for _, d in chunk_out[sym_pos + 1:]]
+    if math.prod(head_sizes) != before:
+        return False
+    head = _static_view(alg, [a for a, _ in ins[:k]], head_sizes)
+    tail = _static_view(alg, [a for a, _ in ins[k + 1:]], tail_sizes)
+    for (pos, _), atom in zip(chunk_out[:sym_pos], head):
+        out[pos] = atom
+    for (pos, _), atom in zip(chunk_out[sym_pos + 1:], tail[1 if minor > 1 else 0:]):
+        out[pos] = atom
+    parts = ([head[-1]] if major > 1 else []) + [source] + ([tail[0]] if minor > 1 else [])
+    if len(parts) == 1:
+        out[sym_out[0][0]] = source
+        return True
+    sym = sym_out[0][1]
+    folded = alg.new(hint(sym), symbolic=sym)  # not frozen itself: its static factors may be cut
+    for child, atom in zip(alg.refine(folded, PRODUCT, [alg.size(p) for p in parts]), parts):
+        alg.unify(child, atom)
+    out[sym_out[0][0]] = folded
+    return True
+
+
+def _rewrite_size_list(arg_name: str, out_axes: list[int], offset: int = 0,
+                       out_dims: list[Any] | None = None) -> Rewriter:
+    """Rewriter for a list argument whose static entries are the output's sizes.
+
+    A dynamic entry ``c*B`` (a size node: batch x heads folded into one axis)
+    whose static factors shrink to ``c'`` becomes ``c*B // c * c'`` (`out_dims`
+    gives the captured sizes, hence ``c`` and ``B``'s example value).
+    """
 
     def rewrite(node: fx.Node, new_size: Callable[[int], int]) -> None:
         sizes = bind(node)[arg_name]
         new = []
         for k, s in enumerate(sizes):
+            atom = out_axes[offset + k] if offset + k < len(out_axes) else None
+            if isinstance(s, fx.Node) and out_dims is not None and atom is not None:
+                new.append(_rescale_dynamic(node, s, out_dims[offset + k], new_size(atom)))
+                continue
             keep = not isinstance(s, int) or s == -1 or s == 1
-            new.append(s if keep else new_size(out_axes[offset + k]))
+            new.append(s if keep else new_size(atom))
         set_arg(node, arg_name, new)
 
     return rewrite
+
+
+def _rescale_dynamic(node: fx.Node, size: fx.Node, captured: Any, kept: int) -> Any:
+    """A size node for a dynamic axis whose static coefficient follows the subnet's (kept = its new size at the
+    example input's value of the dynamic factor)."""
+    if not isinstance(captured, Sym):
+        return size
+    coeff, rest = _coefficient(captured)
+    if rest is None or coeff == 1:
+        return size
+    dynamic = captured.hint // coeff
+    new_coeff = kept // dynamic
+    if new_coeff == coeff:
+        return size
+    with node.graph.inserting_before(node):
+        base = node.graph.call_function(operator.floordiv, (size, coeff))
+        return node.graph.call_function(operator.mul, (base, new_coeff))
 
 
 # ---------------------------------------------------------------------------

@@ -17,7 +17,7 @@ def rule_view(ctx: OpContext) -> None:
     out = reshape_axes(ctx, x, ctx.out_dims())
     name = "size" if "size" in ctx.bound else "shape"
     if name in ctx.bound:
-        ctx.rewrite(_rewrite_size_list(name, out))
+        ctx.rewrite(_rewrite_size_list(name, out, out_dims=ctx.out_dims()))
     ctx.output(out)
 
 
@@ -25,8 +25,9 @@ def rule_reshape_like(ctx: OpContext) -> None:
     """flatten/unflatten/view_as/reshape_as: a reshape whose sizes live elsewhere."""
     x = ctx.axes("self") if "self" in ctx.bound else ctx.axes(next(iter(ctx.bound.values())))
     out = reshape_axes(ctx, x, ctx.out_dims())
-    if "sizes" in ctx.bound:
-        ctx.rewrite(_rewrite_size_list("sizes", out, offset=_norm_dim(ctx.arg("dim"), len(out))))
+    if "sizes" in ctx.bound:  # unflatten: `dim` counts the input's axes (-1 is the input's last)
+        ctx.rewrite(_rewrite_size_list("sizes", out, offset=_norm_dim(ctx.arg("dim"), len(x)),
+                                       out_dims=ctx.out_dims()))
     if "other" in ctx.bound:  # view_as: the other tensor's axes are the output's
         for a, b in zip(out, ctx.axes("other")):
             ctx.same(a, b)
@@ -52,7 +53,11 @@ def rule_transpose(ctx: OpContext) -> None:
     if len(x) < 2:
         ctx.output(x)
         return
-    d0, d1 = (_norm_dim(ctx.arg("dim0", 0), len(x)), _norm_dim(ctx.arg("dim1", 1), len(x)))
+    if "dim0" not in ctx.bound and "axis0" not in ctx.bound:  # t, numpy_T: all axes reversed
+        ctx.output(x[::-1])
+        return
+    d0 = _norm_dim(ctx.arg("dim0", ctx.arg("axis0")), len(x))  # swapaxes names them axis0, axis1
+    d1 = _norm_dim(ctx.arg("dim1", ctx.arg("axis1")), len(x))
     x[d0], x[d1] = x[d1], x[d0]
     ctx.output(x)
 
@@ -71,7 +76,7 @@ def rule_expand(ctx: OpContext) -> None:
         for a, b in zip(out, ctx.axes("other")):
             ctx.same(a, b)
     if "size" in ctx.bound:
-        ctx.rewrite(_rewrite_size_list("size", out))
+        ctx.rewrite(_rewrite_size_list("size", out, out_dims=ctx.out_dims()))
     ctx.output(out)
 
 

@@ -264,7 +264,7 @@ def no_rule_ops(rows: list[dict]) -> list[str]:
         for text in r.get("no_rule", {}):
             op, _, source = text.partition(" at ")
             if source:
-                sources[op].add(source)
+                sources[op].add(re.sub(r"^\S*site-packages/", "", source))
     lines = ["| op | models | sources (first 2) |", "| --- | --- | --- |"]
     for op, names in sorted(ops.items(), key=lambda kv: -len(kv[1])):
         lines.append(f"| `{op}` | {len(names)}: {', '.join(names)} | {_cell('; '.join(sorted(sources[op])[:2]))} |")
@@ -293,7 +293,8 @@ def markdown(data: dict) -> str:
         lines.append(f"- `{r.get('command')}`: started {r.get('started')}, last row {r.get('finished', '-')}, "
                      f"{r.get('done', 0)}/{r.get('models')} models, timeout {r.get('timeout_s'):.0f} s; "
                      f"torch {r.get('torch')}, torchvision {r.get('torchvision')}, transformers "
-                     f"{r.get('transformers')}, Python {r.get('python')}, istfx at `{r.get('istfx_commit')}`")
+                     f"{r.get('transformers')}, Python {r.get('python')}, istfx at `{r.get('istfx_commit')}`"
+                     + (f"; {r['note']}" if r.get("note") else ""))
     missing = run.get("models", 0) - run.get("done", 0) if run else 0
     if missing > 0:
         lines += ["", f"**Partial results: the last run stopped after {run.get('done')} of {run.get('models')} "

@@ -234,7 +234,7 @@ class TorchDistBackend(Backend):
         if self.world_size != subnets:
             raise ISTError(
                 f"the torch backend runs one subnet per rank: world size {self.world_size} != "
-                f"{subnets} subnets. Launch {subnets} processes (--nproc {subnets})."
+                f"{subnets} subnets. Launch {subnets} processes (torchrun --nproc-per-node {subnets}, or `istfx train`, which starts them)."
             )
 
     def create_groups(self, subnets: int) -> None:

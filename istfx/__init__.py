@@ -18,7 +18,7 @@ __version__ = "0.1.0"
 
 # public name -> (module, attribute); attribute None means the module itself.
 _EXPORTS: dict[str, tuple[str, str | None]] = {
-    "compile": ("istfx.core.compiler", "compile"),
+    "compile": ("istfx.api", "compile"),
     "ISTModel": ("istfx.core.compiler", "ISTModel"),
     "ReassembleReport": ("istfx.core.compiler", "ReassembleReport"),
     "SubnetInfo": ("istfx.core.compiler", "SubnetInfo"),
@@ -65,7 +65,8 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # static type checkers and IDEs see the real names
-    from istfx.core.compiler import ISTModel, ReassembleReport, SubnetInfo, compile
+    from istfx.api import compile
+    from istfx.core.compiler import ISTModel, ReassembleReport, SubnetInfo
     from istfx.core.plan import Disjoint, Overlap, Plan, Rolling
     from istfx.core.rules import OpContext, register_rule
     from istfx.errors import CaptureError, ISTError, NonFiniteUpdateError, NothingToSplitError, UnsupportedOpError

@@ -14,23 +14,32 @@ path common to the branch's nodes). Branches with the same module path form
 one droppable unit, so a transformer layer's attention and MLP branches are
 dropped together.
 
+For ResIST's evaluation scaling each dealt-out branch needs a *carrier*:
+parameters whose scaling by p scales the branch output by exactly p (the
+last linear op's weight and bias, or LayerScale's gamma); see
+:func:`find_carrier`.
+
 Usage::
 
-    blocks = find_residual_blocks(captured.module)
-    for b in blocks: print(b.module, b.droppable, b.parameters)
+    plan = DepthPass(blocks="layer*").run(captured.module)   # a DepthPlan
+    for b in plan.blocks: print(b.name, b.parameters)
+    blocks, shortcuts = find_residual_blocks(captured.module)  # everything found
 """
 from __future__ import annotations
 
 import fnmatch
 import operator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.fx as fx
 
 from istfx.core.analysis import source_line
+from istfx.core.interfaces import Block, Branch, DepthPlan
+from istfx.core.plan import deal_blocks, keep_probability  # noqa: F401  (dealing lives in the plan)
 from istfx.core.rules import bind
+from istfx.errors import ISTError
 
 # `out += identity` (torchvision's ResNet blocks) is captured as the in-place add.
 _ADDS = {torch.ops.aten.add.Tensor, torch.ops.aten.add_.Tensor}
@@ -40,42 +49,60 @@ _COMMUTING = {"dropout", "native_dropout", "clone", "contiguous", "view", "resha
               "transpose", "permute", "to", "_to_copy", "alias", "expand", "squeeze", "unsqueeze", "flatten"}
 
 
-@dataclass
-class Branch:
-    """One residual add: ``add(skip, branch_out)`` with the branch's nodes."""
+SHORTCUT_BLOCKS = ("share", "drop")
 
-    add: str  # name of the add node
-    skip: str  # name of the node carried unchanged
-    output: str  # name of the branch's last node (the add's other operand)
-    nodes: list[str]  # branch nodes in graph order
-    parameters: list[str]  # parameters/buffers only the branch reads
-    module: str
-    self_contained: bool  # no branch node is used outside the branch
-    source: str = ""  # the user's source line of the add, as 'file.py:12 `code`'
+
+def check_shortcut_blocks(value: str) -> None:
+    """Raise a clear error unless `value` is a valid ``shortcut_blocks`` option."""
+    if value not in SHORTCUT_BLOCKS:
+        raise ISTError(f"shortcut_blocks must be 'share' or 'drop', got {value!r}.")
 
 
 @dataclass
-class Block:
-    """A droppable unit: every branch with one module path."""
+class DepthPass:
+    """Chooses the residual blocks dealt out among subnets (ResIST).
 
-    module: str
-    branches: list[Branch] = field(default_factory=list)
-    droppable: bool = True
-    reason: str = ""
-    shortcut: bool = False  # a strided/projection block: dropping it keeps only its shortcut path
+    Args:
+        blocks: a module-name glob (``"*"``, ``"layer3.*"``) selecting the
+            droppable blocks (those with an identity skip) to deal out.
+        shortcut_blocks: ``"share"`` keeps strided/projection blocks in every
+            subnet; ``"drop"`` deals them out too, keeping their shortcut path.
+        group_blocks: a module glob whose matches are the droppable units
+            (every branch inside one match is dropped together).
+    """
 
-    @property
-    def name(self) -> str:
-        """The module path, or for a block in the model's own forward, ``<root>`` and where its add is."""
-        if self.module:
-            return self.module
-        where = next((b.source for b in self.branches if b.source), "")
-        return f"<root> ({where})" if where else "<root>"
+    blocks: str = "*"
+    shortcut_blocks: str = "share"
+    group_blocks: str | None = None
 
-    @property
-    def parameters(self) -> list[str]:
-        """Parameters and buffers only this block's branches read."""
-        return sorted({p for b in self.branches for p in b.parameters})
+    def __post_init__(self) -> None:
+        check_shortcut_blocks(self.shortcut_blocks)
+
+    def run(self, module: fx.GraphModule) -> DepthPlan:
+        """The blocks to deal out, those kept in every subnet, and the carriers of the evaluation scale."""
+        found, shortcuts = find_residual_blocks(module)
+        if self.group_blocks is not None:
+            found = group_blocks(found, self.group_blocks)
+        droppable = [b for b in found if b.droppable]
+        if not droppable:
+            raise ISTError(
+                "blocks= asks for depth, but the model has no residual block with an identity skip "
+                "(an add of a tensor and a branch computed from it). Compile without blocks= for width only."
+            )
+        selected = select_blocks(found, self.blocks, shortcuts if self.shortcut_blocks == "drop" else [])
+        if not selected:
+            names = ", ".join(b.name for b in droppable[:12])
+            raise ISTError(f"blocks={self.blocks!r} matches no droppable residual block; they are: {names}.")
+        plan = DepthPlan(selected, [b for b in found + shortcuts if b not in selected])
+        index = _GraphIndex.of(module)
+        for block in selected:
+            for branch in block.branches:
+                targets, why = find_carrier(module, branch, index)
+                if targets is None:
+                    plan.uncarried.setdefault(block.name, why)
+                else:
+                    plan.carriers.extend(t for t in targets if t not in plan.carriers)
+        return plan
 
 
 def find_residual_blocks(gm: fx.GraphModule) -> tuple[list[Block], list[Block]]:
@@ -166,6 +193,8 @@ def _branch(nodes, order, ancestors, users_of, skip: fx.Node, out: fx.Node, add:
             if u not in member_set and not u.users and u.op == "call_function" and u is not add:
                 members.append(u)
                 member_set.add(u)
+    named = list(members)  # the block is named after these, not after the inputs pulled in below
+    _pull_in_exclusive_inputs(nodes, order, users_of, members, member_set, hi)
     # In-place updates of state of the branch's own modules (batch norm's step counter) go too.
     owned = {inp.target.rsplit(".", 1)[0] for m in members for inp in m.all_input_nodes
              if inp.op == "get_attr" and users_of[inp] <= member_set}
@@ -184,7 +213,38 @@ def _branch(nodes, order, ancestors, users_of, skip: fx.Node, out: fx.Node, add:
             if inp.op == "get_attr" and users_of[inp] <= member_set and inp.target not in params:
                 params.append(inp.target)
     return Branch(add.name, skip.name, out.name, [m.name for m in members], params,
-                  _module_path(members), self_contained, source_line(add))
+                  _module_path(named), self_contained, source_line(add))
+
+
+def _pull_in_exclusive_inputs(nodes, order, users_of, members: list, member_set: set, hi: int) -> None:
+    """Add the nodes computed only for the branch (a drop-path mask drawn from the batch size).
+
+    A node whose every user is in the branch, or is a dead end that reads
+    only the branch and it (``noise.div_(keep)``), is the branch's too:
+    a subnet that skips the block then draws no random mask for it, like the
+    model without that branch. An in-place op joins only with the tensor it
+    updates.
+    """
+    pulled: set = set()
+
+    def taken(u: fx.Node) -> bool:
+        return u in member_set or u in pulled
+
+    for n in reversed(nodes[:hi]):
+        if n in member_set or n.op != "call_function" or not any(taken(u) for u in users_of[n]):
+            continue
+        dead_ends = [u for u in users_of[n] if not taken(u)]
+        if all(not users_of[u] and u.op == "call_function"
+               and all(taken(i) or i is n or i in dead_ends for i in u.all_input_nodes) for u in dead_ends):
+            pulled.add(n)
+            pulled.update(dead_ends)
+    for n in sorted(pulled, key=order.__getitem__):
+        target = n.args[0] if n.args else None
+        name = getattr(n.target, "_opname", "")
+        if name.endswith("_") and isinstance(target, fx.Node) and target not in member_set | pulled:
+            continue  # it updates a tensor the rest of the model reads
+        members.append(n)
+        member_set.add(n)
 
 
 def _module_path(members: list[fx.Node]) -> str:
@@ -224,40 +284,15 @@ def _has_params(n: fx.Node, ancestors, nodes) -> bool:
     return any(m.op == "get_attr" and bits >> i & 1 for i, m in enumerate(nodes))
 
 
-def deal_blocks(n_blocks: int, subnets: int, min_depth: int | None, rng) -> list[list[int]]:
-    """Blocks each subnet keeps this round: a random partition, topped up to `min_depth`.
-
-    Without `min_depth` every block is in exactly one subnet (shares differ by
-    at most one). With it, a subnet holding fewer than `min_depth` blocks
-    borrows random others, so blocks overlap and are averaged on reassembly.
-    """
-    perm = [int(i) for i in rng.permutation(n_blocks)]
-    base, extra = divmod(n_blocks, subnets)
-    held, start = [], 0
-    for s in range(subnets):
-        size = base + (1 if s < extra else 0)
-        held.append(sorted(perm[start:start + size]))
-        start += size
-    if min_depth:
-        for s in range(subnets):
-            others = [b for b in (int(i) for i in rng.permutation(n_blocks)) if b not in held[s]]
-            held[s] = sorted(held[s] + others[: max(0, min_depth - len(held[s]))])
-    return held
-
-
-def keep_probability(n_blocks: int, subnets: int, min_depth: int | None) -> float:
-    """The fraction of subnets that hold a block in a round, on average (ResIST's p)."""
-    base = n_blocks / subnets
-    per_subnet = max(base, min_depth or 0) if min_depth else base
-    return min(1.0, per_subnet / n_blocks) if n_blocks else 1.0
-
-
 _FOLDABLE = {
     "linear": ("weight", "bias"), "conv1d": ("weight", "bias"), "conv2d": ("weight", "bias"),
     "conv3d": ("weight", "bias"), "convolution": ("weight", "bias"), "addmm": ("self", "mat2"),
     "batch_norm": ("weight", "bias"), "layer_norm": ("weight", "bias"), "rms_norm": ("weight",),
     "mm": ("mat2",), "matmul": ("other",),
 }
+# Ops between a parameter and the linear op reading it that keep scaling it (Falcon's ``weight.T``).
+_PARAM_VIEWS = {"t", "numpy_T", "mT", "transpose", "permute", "view", "reshape", "_to_copy", "to", "expand", "unsqueeze", "squeeze",
+                "alias", "contiguous", "clone"}
 # Ops whose output scales by p when their first argument does, for any p > 0 (positively homogeneous).
 _HOMOGENEOUS = _COMMUTING | {
     "relu", "leaky_relu", "neg", "mean", "sum", "max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d",
@@ -304,80 +339,114 @@ def fold_targets(gm: fx.GraphModule, branch: Branch) -> list[str] | None:
     return targets
 
 
-def find_carrier(gm: fx.GraphModule, branch: Branch) -> tuple[list[str] | None, str]:
+@dataclass
+class _GraphIndex:
+    """Look-ups a carrier search needs, built once per graph."""
+
+    order: dict
+    by_name: dict
+    state: set  # names of parameters and buffers
+    reads: dict  # state name -> how many nodes read it
+
+    @classmethod
+    def of(cls, gm: fx.GraphModule) -> _GraphIndex:
+        nodes = list(gm.graph.nodes)
+        reads: dict[str, int] = {}
+        for n in nodes:
+            if n.op == "get_attr":
+                reads[n.target] = reads.get(n.target, 0) + len(n.users)
+        state = {name for name, _ in gm.named_parameters()} | {name for name, _ in gm.named_buffers()}
+        return cls({n: i for i, n in enumerate(nodes)}, {n.name: n for n in nodes}, state, reads)
+
+
+def find_carrier(gm: fx.GraphModule, branch: Branch, index: _GraphIndex | None = None
+                 ) -> tuple[list[str] | None, str]:
     """(parameters that carry a scaling of the branch output, or None; why there are none).
 
     Walks back from the branch output through ops that are positively
     homogeneous in the walked operand: views, casts, dropout and drop-path
     masks, ReLU and pooling, multiplication or division by a constant or by a
-    tensor computed without the carrier. It stops at a *carrier*: a pointwise
+    tensor computed without the carrier, and sums of such paths (GPT-NeoX's
+    parallel ``attn(x) + mlp(x)``). Each path stops at a *carrier*: a pointwise
     multiply by a parameter (LayerScale's ``gamma * f(x)``) or an op linear in
-    its weight and bias (linear, conv, addmm, affine norms). Scaling the
-    carrier's parameters by p then scales the branch output by exactly p. A
-    carrier's parameters must be read by that op alone.
+    its weight and bias (linear, conv, addmm, affine norms; the weight may be
+    a transposed or reshaped parameter). Scaling the carriers' parameters by p
+    then scales the branch output by exactly p, provided no carrier's
+    parameters are read elsewhere, no other factor of the output and no other
+    carrier's input is computed from a carrier.
     """
-    nodes = list(gm.graph.nodes)
-    order = {n: i for i, n in enumerate(nodes)}
-    by_name = {n.name: n for n in nodes}
-    state = {name for name, _ in gm.named_parameters()} | {name for name, _ in gm.named_buffers()}
-    reads: dict[str, int] = {}
-    for n in nodes:
-        if n.op == "get_attr":
-            reads[n.target] = reads.get(n.target, 0) + len(n.users)
+    index = index or _GraphIndex.of(gm)
+    order, by_name = index.order, index.by_name
 
-    def owned(value: Any, op: fx.Node) -> bool:  # state read by `op` alone
-        return (isinstance(value, fx.Node) and value.op == "get_attr" and value.target in state
-                and reads[value.target] == 1 and set(value.users) == {op})
+    def param(value: Any, op: fx.Node) -> str | None:
+        """The parameter `value` is, read by `op` alone (directly or through a transpose/reshape)."""
+        while (isinstance(value, fx.Node) and value.op == "call_function" and _op(value) in _PARAM_VIEWS
+               and list(value.users) == [op]):
+            op, value = value, value.args[0]
+        if (isinstance(value, fx.Node) and value.op == "get_attr" and value.target in index.state
+                and index.reads[value.target] == 1 and list(value.users) == [op]):
+            return value.target
+        return None
 
-    node, side = by_name[branch.output], []  # side: operands the output also depends on
-    while True:
+    carriers: list[fx.Node] = []  # the ops whose parameters are scaled
+    targets: list[str] = []
+    side: list[Any] = []  # other factors of the output
+    work, seen = [by_name[branch.output]], set()
+    while work:
+        node = work.pop()
+        if node in seen:
+            continue
+        seen.add(node)
         if node.op != "call_function":
             return None, f"its branch output comes from {node.op} {node.name}"
         if node.target is operator.getitem:
-            source, index = node.args
+            source, part = node.args
             parts = _HOMOGENEOUS_PARTS.get(_op(source), ()) if isinstance(source, fx.Node) else ()
-            if parts is None or index in parts:
-                node = source.args[0]
+            if parts is None or part in parts:
+                work.append(source.args[0])
                 continue
             return None, _stop(node)
         name = _op(node)
+        tensors = [v for v in node.args if isinstance(v, fx.Node) and isinstance(v.meta.get("val"), torch.Tensor)]
         if name in _FOLDABLE:
             bound = bind(node)
             values = [bound.get(arg) for arg in _FOLDABLE[name]]
-            if not all(v is None or owned(v, node) for v in values) or not any(v is not None for v in values):
+            found = [param(v, node) for v in values if v is not None]
+            if not found or None in found:
                 return None, (f"its branch ends in {name} ({_where(node)}) whose weights are not parameters "
                               "read by that op alone")
-            targets = [v.target for v in values if v is not None]
-            break
-        if name == "mul" and len(node.args) == 2:
+            carriers.append(node)
+            targets.extend(found)
+        elif name == "mul" and len(node.args) == 2:
             a, b = node.args
-            gamma = next((v for v in (a, b) if owned(v, node)), None)
+            gamma = next((g for g in (param(v, node) for v in (a, b)) if g is not None), None)
             if gamma is not None:  # LayerScale: gamma * f(x)
-                targets = [gamma.target]
-                break
-            data = [v for v in (a, b) if isinstance(v, fx.Node)
-                    and isinstance(v.meta.get("val"), torch.Tensor)]
-            if not data:
+                carriers.append(node)
+                targets.append(gamma)
+                continue
+            if not tensors:
                 return None, _stop(node)
             # The operand on the branch's data path: the one computed from parameters, else the first.
-            data.sort(key=lambda v: not _reads_state(v))
-            other = b if data[0] is a else a
-            side.append(other)
-            node = data[0]
-            continue
-        if name == "div" and len(node.args) == 2 and isinstance(node.args[0], fx.Node):
+            data = sorted(tensors, key=lambda v: not _reads_state(v))[0]
+            side.append(b if data is a else a)
+            work.append(data)
+        elif name == "div" and len(node.args) == 2 and isinstance(node.args[0], fx.Node):
             side.append(node.args[1])
-            node = node.args[0]
-            continue
-        if name in _HOMOGENEOUS and node.args and isinstance(node.args[0], fx.Node):
-            if not any(isinstance(a.meta.get("val"), torch.Tensor) for a in _flat_nodes(node.args[1:])):
-                node = node.args[0]
-                continue
-        return None, _stop(node)
-    if any(_depends(value, node, order) for value in side):
-        return None, (f"a factor of its branch output is computed from {name} ({_where(node)}), "
-                      "so scaling that op's parameters would not scale the output by p")
-    return targets, ""
+            work.append(node.args[0])
+        elif name == "add" and len(tensors) == 2 and len(node.args) == 2 and node.kwargs.get("alpha", 1) == 1:
+            work.extend(tensors)  # a sum of scaled paths is scaled
+        elif (name in _HOMOGENEOUS and node.args and isinstance(node.args[0], fx.Node)
+              and not any(isinstance(a.meta.get("val"), torch.Tensor) for a in _flat_nodes(node.args[1:]))):
+            work.append(node.args[0])
+        else:
+            return None, _stop(node)
+    for carrier in carriers:
+        culprit = next((v for v in side if _depends(v, carrier, order)), None)
+        culprit = culprit or next((c for c in carriers if c is not carrier and _depends(c, carrier, order)), None)
+        if culprit is not None:
+            return None, (f"a factor of its branch output is computed from {_op(carrier)} ({_where(carrier)}), "
+                          "so scaling that op's parameters would not scale the output by p")
+    return list(dict.fromkeys(targets)), ""
 
 
 def _stop(node: fx.Node) -> str:
@@ -387,7 +456,10 @@ def _stop(node: fx.Node) -> str:
 
 
 def _where(node: fx.Node) -> str:
-    return source_line(node) or f"node {node.name}"
+    """'in module 0.fc1, file.py:12 `code`' (or the node's name)."""
+    module, line = _module_path([node]), source_line(node)
+    parts = ([f"in module {module}"] if module else []) + ([line] if line else [])
+    return ", ".join(parts) or f"node {node.name}"
 
 
 def _reads_state(node: fx.Node) -> bool:
@@ -419,3 +491,7 @@ def _depends(value: Any, source: fx.Node, order: dict) -> bool:
         inputs = _value_inputs(n)
         stack.extend(inputs)
     return False
+
+
+__all__ = ["DepthPass", "DepthPlan", "Block", "Branch", "find_residual_blocks", "group_blocks", "select_blocks",
+           "find_carrier", "fold_targets", "check_shortcut_blocks", "deal_blocks", "keep_probability"]

@@ -20,10 +20,20 @@ factor; that is all this pass looks at:
     tensors: the residual stream.
 ``ffn`` / ``neurons`` / ``channels``
     unit-1 hidden axes produced by one parameter and read by another: FFN
-    units in a model with heads, conv channels when a member is a conv
-    kernel, hidden neurons otherwise.
+    units in a model with heads (experts' hidden units included), conv
+    channels when a member is a conv kernel's channel axis (a grouped conv's
+    units are whole groups), hidden neurons otherwise.
+``spatial``
+    a convolution's kernel window or spatial positions (flattened into a
+    linear layer's input).
 ``embedding_rows``, ``io``, ``other``
-    rows looked up by index; axes fixed by a model input or output; the rest.
+    rows looked up by index; axes fixed by a model input or output; the rest
+    (the q/k/v selector of a packed projection is ``other``).
+
+A minor factor with whole-head units is ``heads_in_group`` only when some
+tensor holds the enclosing heads with units of that size without it (the
+keys of grouped-query attention); pairs inside a head (an interleaved rotary
+embedding, GPT-J) are ``head_dim``.
 
 Usage::
 
@@ -38,11 +48,13 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from istfx.core.axes import KERNEL_WINDOW, SELECTED, SPATIAL
 from istfx.core.groups import EXACT, FROZEN, Group
 
 HEADS, HEADS_IN_GROUP, HEAD_DIM = "heads", "heads_in_group", "head_dim"
 D_MODEL, FFN, NEURONS, CHANNELS = "d_model", "ffn", "neurons", "channels"
 EMBEDDING_ROWS, IO, OTHER = "embedding_rows", "io", "other"
+SPATIAL_ROLE = "spatial"
 
 
 @dataclass(frozen=True)
@@ -61,9 +73,15 @@ class HeadsPass:
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     kinds: dict[str, str] = field(default_factory=dict)  # tensor -> "parameter" | "buffer" | "constant"
     flags: Any = None
+    conv_kernels: set[str] = field(default_factory=set)  # tensors with a kernel window (found by `run`)
 
     def run(self, groups: list[Group]) -> dict[int, Role]:
+        self.conv_kernels = {m.tensor for g in groups if any(r.startswith(KERNEL_WINDOW) for r in self._reasons(g)[0])
+                             for m in g.members}
         roles = {g.id: self._role(g) for g in groups}
+        for g in groups:
+            if roles[g.id].name == HEADS_IN_GROUP and not self._whole_heads(g, groups, roles):
+                roles[g.id] = Role(HEAD_DIM, f"{g.units} units inside each head (e.g. rotary pairs)")
         has_heads = any(r.name == HEADS for r in roles.values())
         for g in groups:
             role = roles[g.id]
@@ -78,6 +96,19 @@ class HeadsPass:
                     roles[g.id] = Role(HEADS, f"{g.units} KV groups of {per} query heads")
         return roles
 
+    @staticmethod
+    def _whole_heads(g: Group, groups: list[Group], roles: dict[int, Role]) -> bool:
+        """Units of `g` are whole heads: a tensor holds an enclosing heads group with units of that size,
+        without `g` (grouped-query attention's keys hold one head per KV group)."""
+        unit = max(m.unit for m in g.members)
+        tensors = {m.tensor for m in g.members}
+        for o in groups:
+            if roles[o.id].name != HEADS or not tensors & {m.tensor for m in o.members}:
+                continue
+            if any(m.unit == unit and m.tensor not in tensors for m in o.members):
+                return True
+        return False
+
     def _reasons(self, g: Group) -> tuple[list[str], list[str]]:
         if self.flags is not None:
             return self.flags(g)
@@ -87,6 +118,19 @@ class HeadsPass:
         frozen, approximate = self._reasons(g)
         multi = [m for m in g.members if m.unit > 1]
         tensors = {m.tensor for m in g.members}
+        if any(r.startswith((KERNEL_WINDOW, SPATIAL)) for r in frozen):
+            return Role(SPATIAL_ROLE, f"{g.units} spatial positions (kernel window or feature map)")
+        if any(r.startswith(SELECTED) for r in frozen):
+            return Role(OTHER, f"{g.units} pieces selected one by one (e.g. q, k, v of a packed projection)")
+        conv = [m for m in g.members if m.dim in (0, 1) and m.tensor in self.conv_kernels
+                and self.kinds.get(m.tensor, "parameter") == "parameter"]
+        if conv and any(r in ("model input", "model output") for r in frozen):
+            return Role(IO, f"{g.units} (fixed by a model input or output)")
+        if conv:
+            per = max(m.unit for m in conv)
+            if g.inner:
+                return Role(CHANNELS, f"{g.units} channels inside each group of a grouped convolution")
+            return Role(CHANNELS, f"{g.units} groups of {per} channels" if per > 1 else f"{g.units} channels")
         if g.inner:
             if multi:
                 return Role(HEADS_IN_GROUP, f"{g.units} query heads per KV group")
@@ -103,8 +147,6 @@ class HeadsPass:
         matrices = {m.tensor for m in g.members if len(self.shapes.get(m.tensor, ())) >= 2
                     and self.kinds.get(m.tensor, "parameter") == "parameter"}
         if not multi and len(matrices) >= 2 and g.units > 1:
-            if any(len(self.shapes.get(t, ())) >= 3 for t in matrices):
-                return Role(CHANNELS, f"{g.units} channels")
             return Role(NEURONS, f"{g.units} hidden units")
         if any(r in ("model input", "model output") for r in frozen):
             return Role(IO, f"{g.units} (fixed by a model input or output)")
@@ -159,4 +201,4 @@ def role_summary(source: Any) -> dict[str, dict]:
 
 
 __all__ = ["HeadsPass", "Role", "describe", "roles", "role_summary", "HEADS", "HEADS_IN_GROUP", "HEAD_DIM",
-           "D_MODEL", "FFN", "NEURONS", "CHANNELS", "EMBEDDING_ROWS", "IO", "OTHER"]
+           "D_MODEL", "FFN", "NEURONS", "CHANNELS", "EMBEDDING_ROWS", "IO", "OTHER", "SPATIAL_ROLE"]

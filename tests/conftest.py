@@ -26,6 +26,10 @@ with, as ``(args, kwargs)``, and assert one invariant each:
 - :func:`check_interface`: subnets take other batch sizes and return the
   model's output structure and shapes.
 
+The forward, SGD-step and interface checks take ``mode="train"`` or
+``"eval"``: subnets and the masked model then run in that mode (evaluation:
+dropout off, batch norm on running statistics, no buffer updates).
+
 Test modules import them with ``from conftest import ...``.
 """
 from __future__ import annotations
@@ -89,13 +93,26 @@ def model_tensor(ist: istfx.ISTModel, module: nn.Module, name: str) -> torch.Ten
     return module.get_parameter(name) if kind == "parameter" else module.get_buffer(name)
 
 
-def masked_model(ist: istfx.ISTModel, slices, subnet: int) -> nn.Module:
-    """A copy of the model, in train mode, with the units `subnet` does not hold zeroed."""
+MODES = ("train", "eval")
+
+
+def masked_model(ist: istfx.ISTModel, slices, subnet: int, mode: str = "train") -> nn.Module:
+    """A copy of the model, in `mode`, with the units `subnet` does not hold zeroed."""
+    assert mode in MODES, mode
     model = copy.deepcopy(ist.model)
     with torch.no_grad():
         for name, value in masked_state(ist, slices, subnet).items():
             model_tensor(ist, model, name).copy_(value)
-    return model.train()
+    return model.train(mode == "train")
+
+
+def in_mode(subnets: list[nn.Module], mode: str) -> list[nn.Module]:
+    """`subnets`, each switched to `mode` (decompose returns them in training mode)."""
+    assert mode in MODES, mode
+    for subnet in subnets:
+        assert subnet.training
+        subnet.train(mode == "train")
+    return subnets
 
 
 # -- outputs -------------------------------------------------------------------
@@ -194,14 +211,22 @@ def check_coverage(ist: istfx.ISTModel, twin: istfx.ISTModel, rounds=range(4)) -
 
 
 def check_forward_equivalence(
-    ist: istfx.ISTModel, inputs: Inputs, round: int, key: str | None = None, atol: float = ATOL
+    ist: istfx.ISTModel, inputs: Inputs, round: int, key: str | None = None, atol: float = ATOL,
+    mode: str = "train",
 ) -> None:
-    """(3) every subnet's output equals the masked full model's (train mode)."""
-    subnets = ist.decompose(round)
+    """(3) every subnet's output equals the masked full model's, both in `mode`.
+
+    In evaluation mode the subnet's buffers must not change either.
+    """
+    subnets = in_mode(ist.decompose(round), mode)
     slices = ist.slices(round)
     for s, subnet in enumerate(subnets):
-        expected = pick(call(masked_model(ist, slices, s), inputs), key)
+        expected = pick(call(masked_model(ist, slices, s, mode), inputs), key)
+        buffers = {k: v.clone() for k, v in subnet.named_buffers()}
         actual = pick(call(subnet, inputs), key)
+        if mode == "eval":
+            moved = [k for k, v in subnet.named_buffers() if not torch.equal(v, buffers[k])]
+            assert not moved, f"subnet {s} changed buffers {moved[:4]} in evaluation mode"
         exp_leaves, exp_spec = leaves(expected)
         act_leaves, act_spec = leaves(actual)
         assert exp_spec == act_spec, f"subnet {s}: output structure {act_spec} != {exp_spec}"
@@ -221,13 +246,15 @@ def check_sgd_step(
     key: str | None = None,
     lr: float = 0.1,
     atol: float = ATOL,
+    mode: str = "train",
 ) -> None:
-    """(3) one SGD step on a subnet equals one on the masked full model, and reassembles into its slices."""
-    subnets = ist.decompose(round)
+    """(3) one SGD step on a subnet equals one on the masked full model (both in `mode`), and
+    reassembles into its slices (running statistics included after a training-mode step)."""
+    subnets = in_mode(ist.decompose(round), mode)
     slices = ist.slices(round)
     s = subnet_index
     subnet = subnets[s]
-    full = masked_model(ist, slices, s)
+    full = masked_model(ist, slices, s, mode)
     for module in (subnet, full):
         params = [p for p in module.parameters() if p.requires_grad]
         opt = torch.optim.SGD(params, lr=lr)
@@ -262,10 +289,11 @@ def check_sgd_step(
     assert snapshot(ist.model).keys() == before.keys()
 
 
-def check_interface(ist: istfx.ISTModel, variants: list[Inputs], round: int = 0) -> None:
-    """(4) each subnet accepts every input variant and matches the model's output structure and shapes."""
-    subnets = ist.decompose(round)
-    reference = copy.deepcopy(ist.model).train()
+def check_interface(ist: istfx.ISTModel, variants: list[Inputs], round: int = 0, mode: str = "train") -> None:
+    """(4) each subnet, in `mode`, accepts every input variant and matches the model's output structure
+    and shapes (the model in the same mode)."""
+    subnets = in_mode(ist.decompose(round), mode)
+    reference = copy.deepcopy(ist.model).train(mode == "train")
     for inputs in variants:
         expected_leaves, expected_spec = leaves(call(reference, inputs))
         for s, subnet in enumerate(subnets):

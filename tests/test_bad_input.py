@@ -258,3 +258,50 @@ def test_non_strict_reports_the_unsupported_op() -> None:
     members = {m.tensor for g in ist.plan.split for m in ist.plan.groups[g].members}
     assert "a.weight" in members and "c.weight" not in members
     assert "aten.kron" in str(ist.plan) or "kron" in ist.plan.to_json()
+
+
+class WritesItsWeights(nn.Module):
+    """A forward that writes a parameter: through ``.data`` or in place under ``no_grad``."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.a, self.bn, self.b = nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.how == "data":
+            self.a.weight.data.add_(1)
+        else:
+            with torch.no_grad():
+                self.a.bias.mul_(2)
+        return self.b(self.bn(self.a(x)).relu())
+
+
+@pytest.mark.parametrize("how", ["data", "no_grad"])
+def test_forward_that_writes_a_parameter_is_refused_and_the_model_is_unchanged(how: str) -> None:
+    torch.manual_seed(0)
+    model = WritesItsWeights(how)
+    before = snapshot(model)
+    name = "a.weight" if how == "data" else "a.bias"
+    with pytest.raises(istfx.ISTError, match=rf"forward changes its parameter\(s\) {name} in place.*unchanged"):
+        istfx.compile(model, subnets=2, example_inputs=(torch.randn(4, 4),))
+    assert_bitwise_equal(before, snapshot(model), "after a refused compile")
+
+
+def test_compile_leaves_parameters_and_buffers_bit_for_bit_unchanged() -> None:
+    """Capture runs the model (probes, tracing, the evaluation check): running statistics must not move."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Dropout(0.2), nn.Flatten(),
+                          nn.Linear(8 * 6 * 6, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 4))
+    with torch.no_grad():
+        model[1].running_mean.normal_()
+        model[6].running_var.uniform_(0.5, 2.0)
+    before = snapshot(model)
+    for example in ((torch.randn(4, 3, 8, 8),), None):  # given, and inferred from the first layer
+        ist = istfx.compile(model, subnets=2, example_inputs=example) if example else None
+        if example is None:
+            model8 = nn.Sequential(*list(model))  # same tensors, inferred inputs
+            ist = istfx.compile(model8, subnets=2)
+        assert ist.plan.split
+        assert_bitwise_equal(before, snapshot(model), "after compile")
+    assert model.training

@@ -254,15 +254,16 @@ def test_inspect_too_many_subnets_shows_why(capsys):
 
 
 def test_inspect_json_has_a_role_per_group(capsys):
-    code, out, _ = _inspect(capsys, str(EXAMPLES / "cnn.py"), "--json")
-    assert code == 0
-    report = json.loads(out)
+    import torch
+    from istfx.models import SmallCNN
     from istfx.passes import roles
 
-    assert all(isinstance(g["role"], str) and g["role"] for g in report["groups"])
-    assert {g["role"] for g in report["groups"] if g["split"]} <= set(roles(istfx.compile(
-        __import__("istfx.models", fromlist=["SmallCNN"]).SmallCNN(), 4,
-        example_inputs=__import__("torch").randn(8, 1, 8, 8))).values())
+    code, out, _ = _inspect(capsys, str(EXAMPLES / "cnn.py"), "--json")
+    assert code == 0
+    groups = json.loads(out)["groups"]
+    assert all(isinstance(g["role"], str) and g["role"] for g in groups)
+    expected = roles(istfx.compile(SmallCNN(), 4, example_inputs=torch.randn(8, 1, 8, 8)))
+    assert {g["id"]: g["role"] for g in groups} == expected
 
 
 def test_split_approximate_reaches_the_compiler(capsys, tmp_path):
@@ -488,3 +489,14 @@ def test_nothing_to_split_error_carries_the_plan():
     plan = info.value.plan
     assert isinstance(info.value, istfx.ISTError) and plan.split == [] and plan.groups
     assert plan.parameters_per_subnet == [plan.parameters_full] * 2 == [21, 21]
+
+
+def test_different_rank_errors_name_their_ranks(tmp_path, capsys):
+    from istfx.cli import progress
+
+    monitor = progress.StartupMonitor(str(tmp_path), 3, None, enabled=False)
+    progress.RankStatus(str(tmp_path), 0).error("cannot go on")
+    progress.RankStatus(str(tmp_path), 2).error("timed out")
+    progress.RankStatus(str(tmp_path), 1).set("joining")
+    assert monitor.report_errors()
+    assert capsys.readouterr().err == "istfx: error (rank 0): cannot go on\nistfx: error (rank 2): timed out\n"

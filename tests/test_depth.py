@@ -402,7 +402,8 @@ def resnet_ist(cls_name: str, depth: int = 18, subnets: int = 2, **options) -> i
 RESNET_CONFIGS = [
     ("PreActResNet", 18, 2, dict(width=False)),
     ("ResNet", 18, 4, dict(width=False, min_depth=2, depth_scaling="train")),
-    ("PreActResNet", 18, 3, dict(width=True, blocks="layer[14].*")),  # width and depth together
+    # width and depth together; image sides dynamic (test_resnet_selection_and_batches runs 16 px images)
+    ("PreActResNet", 18, 3, dict(width=True, blocks="layer[14].*", dynamic="all")),
     ("ResNet", 18, 2, dict(width=False, shortcut_blocks="drop")),  # ResIST's naive decomposition
 ]
 DROPPABLE = ["layer1.0", "layer1.1", "layer2.1", "layer3.1", "layer4.1"]
@@ -919,7 +920,8 @@ class ScaledBlock(nn.Module):
     """``x + scale(f(x))`` with ``scale`` one of the patterns of public zoos.
 
     ``factor`` (a Python float, 1 at capture) multiplies the branch output in
-    the reference copies of the tests; it adds no node to the captured graph.
+    the reference copies of the tests (0 removes the branch); it adds no node
+    to the captured graph.
     """
 
     def __init__(self, d: int, kind: str, rate: float = 0.0) -> None:
@@ -930,6 +932,8 @@ class ScaledBlock(nn.Module):
         self.drop_path = DropPath(rate, "torchvision" if kind == "stochastic_depth" else "timm")
 
     def forward(self, x):
+        if self.factor == 0.0:  # the branch is not computed at all: no drop-path draw either
+            return x
         h = torch.relu(self.fc2(torch.relu(self.fc1(x))))  # ends in a ReLU: the walk goes through it
         if self.kind == "const":
             out = 0.5 * h
@@ -979,14 +983,12 @@ def test_scaled_branches_carry_the_evaluation_scale(kind, rate):
         assert_close(scaled.eval()(x), expected_out, "eval-time scaling equals scaling the branch output")
     model.train()
     assert_bitwise(before, snapshot(model), "parameters after inference_scaling")
-    # A skipped block equals the full model with its branch zeroed (training mode; masks need the same draws,
-    # so the reference is compared only where no random draw is skipped: rate 0, or every block held).
+    # A skipped block equals the full model without its branch (training mode). The subnet draws no
+    # drop-path mask for a block it skips, so with equal seeds the masks of the blocks it holds are equal.
     for round in (0, 1):
         held = ist.plan.block_assignment(round)
         for s, subnet in enumerate(ist.decompose(round)):
             reference = _with_factors(model, {i: (1.0 if i - 1 in held[s] else 0.0) for i in (1, 2, 3)}).train()
-            if rate and len(held[s]) < 3:
-                continue
             torch.manual_seed(round)
             got = subnet(x)
             torch.manual_seed(round)
@@ -1068,3 +1070,50 @@ def test_a_factor_computed_from_the_carrier_is_refused():
     model = nn.Sequential(Block(), Block())
     with pytest.raises(ISTError, match=r"block 0: .*a factor of its branch output is computed from linear"):
         istfx.compile(model, subnets=1, example_inputs=(torch.randn(4, 6),), blocks="*", width=False)
+
+
+def test_parallel_branches_carry_the_scale_in_both_paths():
+    """GPT-NeoX/Falcon's parallel layer ``x + (mlp(x) + attn(x))``, a weight read as ``w.T``: both paths carry p."""
+
+    class Parallel(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.factor = 1.0
+            self.norm = nn.LayerNorm(6)
+            self.a = nn.Linear(6, 6)
+            self.up = nn.Linear(6, 10)
+            self.w_out = nn.Parameter(torch.randn(6, 10) / 3)
+
+        def forward(self, x):
+            h = self.norm(x)
+            branch = torch.relu(self.up(h)) @ self.w_out.T + self.a(h)
+            return x + branch * self.factor if self.factor != 1.0 else x + branch
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), Parallel(), Parallel(), nn.Linear(6, 3)).double()
+    ist = istfx.compile(model, subnets=2, example_inputs=(inputs("mlp", 4),), blocks="*", width=True)
+    assert [b.module for b in ist.plan.blocks] == ["1", "2"]
+    assert sorted(ist._fold_targets) == sorted(f"{i}.{t}" for i in (1, 2) for t in ("a.weight", "a.bias", "w_out"))
+    x = inputs("mlp", 5, seed=1)
+    expected_model = copy.deepcopy(model)
+    for i in (1, 2):
+        expected_model[i].factor = ist.plan.keep_probability
+    with ist.inference_scaling() as scaled:
+        assert_close(scaled(x), expected_model(x), "parallel branches scaled by p")
+
+
+def test_a_carrier_feeding_another_is_refused():
+    """x + fc2(fc1(x)) + fc1(x): scaling both linear ops scales the first path by p^2, so nothing carries p."""
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(6, 6), nn.Linear(6, 6)
+
+        def forward(self, x):
+            h = self.fc1(x)
+            return x + (self.fc2(h) + h)
+
+    with pytest.raises(ISTError, match=r"block 0: .*computed from linear \(in module 0.fc1, "):
+        istfx.compile(nn.Sequential(Block(), Block()), subnets=1, example_inputs=(torch.randn(4, 6),), blocks="*",
+                      width=False)

@@ -1,9 +1,12 @@
 """Property tests of the four IST invariants on random MLPs and CNNs.
 
 Architectures are drawn by hypothesis: MLPs with 1-3 hidden layers (bias,
-BatchNorm with or without running statistics, several activations) and CNNs
-with 1-2 conv layers (BatchNorm, padding, max pooling, an optional hidden
-linear layer). Every model is float64 so equivalences hold to summation order.
+BatchNorm with or without running statistics, several activations, dropout)
+and CNNs with 1-2 conv layers (BatchNorm, padding, max pooling, channel
+dropout, an optional hidden linear layer). Every model is float64 so
+equivalences hold to summation order. Mask equivalence and the interface are
+checked with subnets and model in training and in evaluation mode (models
+with dropout in evaluation mode only: dropout masks are random).
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 from conftest import (
+    MODES,
     check_coverage,
     check_forward_equivalence,
     check_interface,
@@ -24,6 +28,7 @@ from conftest import (
     check_sgd_step,
     default_loss,
     examples,
+    in_mode,
     masked_model,
     model_tensor,
     subnet_state,
@@ -56,6 +61,7 @@ class MLPSpec:
     activation: str
     subnets: int
     seed: int
+    dropout: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -70,6 +76,7 @@ class CNNSpec:
     subnets: int
     seed: int
     side: int = 8
+    dropout: float = 0.0
 
 
 mlp_specs = st.builds(
@@ -82,6 +89,7 @@ mlp_specs = st.builds(
     activation=st.sampled_from(sorted(ACTIVATIONS)),
     subnets=st.integers(1, 4),
     seed=st.integers(0, 2**16),
+    dropout=st.sampled_from([0.0, 0.0, 0.3]),
 )
 
 cnn_specs = st.builds(
@@ -95,7 +103,13 @@ cnn_specs = st.builds(
     out_features=st.integers(1, 5),
     subnets=st.integers(1, 4),
     seed=st.integers(0, 2**16),
+    dropout=st.sampled_from([0.0, 0.0, 0.3]),
 )
+
+
+def modes(spec) -> st.SearchStrategy[str]:
+    """Training or evaluation mode; evaluation only with dropout (its masks are random)."""
+    return st.just("eval") if spec.dropout else st.sampled_from(MODES)
 
 
 def _norm(kind: str, width: int, dims: int) -> nn.Module:
@@ -129,6 +143,8 @@ def build_mlp(spec: MLPSpec) -> nn.Module:
         if spec.norm != "none":
             layers.append(_norm(spec.norm, width, 1))
         layers.append(ACTIVATIONS[spec.activation]())
+        if spec.dropout:
+            layers.append(nn.Dropout(spec.dropout))
         prev = width
     layers.append(nn.Linear(prev, spec.out_features, bias=spec.bias))
     return _randomize(nn.Sequential(*layers)).double()
@@ -144,6 +160,8 @@ class ConvNet(nn.Module):
             if spec.norm != "none":
                 layers.append(_norm(spec.norm, c, 2))
             layers.append(nn.ReLU())
+            if spec.dropout:
+                layers.append(nn.Dropout2d(spec.dropout))
             prev, side = c, side + 2 * spec.padding - 2
         if spec.pool:
             layers.append(nn.MaxPool2d(2))
@@ -351,10 +369,11 @@ def test_seed_changes_the_assignment() -> None:
 def test_mask_equivalence_mlp(spec: MLPSpec, policy: str, round: int, data) -> None:
     ist, x = make(spec, policy)
     batch = data.draw(st.integers(2, 9), label="batch")
+    mode = data.draw(modes(spec), label="mode")
     x = mlp_input(spec, batch, seed=1)
-    check_forward_equivalence(ist, ((x,), {}), round)
+    check_forward_equivalence(ist, ((x,), {}), round, mode=mode)
     s = data.draw(st.integers(0, spec.subnets - 1), label="subnet")
-    check_sgd_step(ist, ((x,), {}), round, s)
+    check_sgd_step(ist, ((x,), {}), round, s, mode=mode)
 
 
 @settings(max_examples=examples(50), **SETTINGS)
@@ -362,23 +381,26 @@ def test_mask_equivalence_mlp(spec: MLPSpec, policy: str, round: int, data) -> N
 def test_mask_equivalence_cnn(spec: CNNSpec, policy: str, round: int, data) -> None:
     ist, _ = make(spec, policy)
     x = cnn_input(spec, data.draw(st.integers(2, 5), label="batch"), seed=1)
-    check_forward_equivalence(ist, ((x,), {}), round)
+    mode = data.draw(modes(spec), label="mode")
+    check_forward_equivalence(ist, ((x,), {}), round, mode=mode)
     s = data.draw(st.integers(0, spec.subnets - 1), label="subnet")
-    check_sgd_step(ist, ((x,), {}), round, s)
+    check_sgd_step(ist, ((x,), {}), round, s, mode=mode)
 
 
 @settings(max_examples=examples(25), **SETTINGS)
-@given(spec=any_spec)
-def test_sgd_step_of_every_subnet_reassembles_to_masked_steps(spec) -> None:
-    """All subnets trained one step and reassembled equal per-subnet masked steps, slice by slice."""
+@given(spec=any_spec, data=st.data())
+def test_sgd_step_of_every_subnet_reassembles_to_masked_steps(spec, data) -> None:
+    """All subnets trained one step and reassembled equal per-subnet masked steps, slice by slice
+    (running statistics too, after training-mode steps)."""
     ist, _ = make(spec, "disjoint")
     x = new_input(spec, 5, seed=2)
+    mode = data.draw(modes(spec), label="mode")
 
-    subnets = ist.decompose(0)
+    subnets = in_mode(ist.decompose(0), mode)
     slices = ist.slices(0)
     expected = {}
     for s, subnet in enumerate(subnets):
-        full = masked_model(ist, slices, s)
+        full = masked_model(ist, slices, s, mode)
         for module in (subnet, full):
             opt = torch.optim.SGD(module.parameters(), lr=0.1)
             default_loss(module(x)).backward()
@@ -400,11 +422,11 @@ def test_sgd_step_of_every_subnet_reassembles_to_masked_steps(spec) -> None:
 
 
 @settings(max_examples=examples(50), **SETTINGS)
-@given(spec=any_spec, round=st.integers(0, 3))
-def test_interface_batch_sizes(spec, round: int) -> None:
+@given(spec=any_spec, round=st.integers(0, 3), mode=st.sampled_from(MODES))
+def test_interface_batch_sizes(spec, round: int, mode: str) -> None:
     ist, _ = make(spec)
     variants = [((new_input(spec, b, seed=b),), {}) for b in (2, 3, 17)]
-    check_interface(ist, variants, round)
+    check_interface(ist, variants, round, mode)
 
 
 @pytest.mark.parametrize("policy", POLICIES)

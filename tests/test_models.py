@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+import istfx
 from istfx.models import ISTMLP, SmallCNN
 
 
@@ -164,3 +165,16 @@ def test_models_export_with_dynamic_batch(
         expected = model(x)
         assert out.shape[0] == batch and out.shape == expected.shape
         torch.testing.assert_close(out, expected)
+
+
+def test_hf_vision_model_without_example_inputs_takes_images_from_its_config() -> None:
+    """ViT's generic ``dummy_inputs`` hold input_ids; its config says what an image is."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    config = tf.ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+                          image_size=(24, 16), patch_size=8, num_channels=2, num_labels=3)
+    ist = istfx.compile(tf.ViTForImageClassification(config), subnets=2)
+    assert ist.captured.kwargs["pixel_values"].shape == (2, 2, 24, 16)
+    assert ist.plan.split
+    assert ist.decompose(0)[1](pixel_values=torch.randn(3, 2, 24, 16)).logits.shape == (3, 3)

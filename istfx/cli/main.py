@@ -22,15 +22,11 @@ from dataclasses import dataclass
 from istfx.cli import options
 from istfx.errors import ISTError
 
-__all__ = ["COMMANDS", "CLIError", "Command", "build_parser", "main", "run_command"]
+__all__ = ["COMMANDS", "Command", "build_parser", "main", "report_error", "run_command"]
 
 EXIT_OK = 0
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
-
-
-class CLIError(ISTError):
-    """A command-line problem to report in one line on stderr, with exit status 2."""
 
 
 @dataclass(frozen=True)
@@ -43,6 +39,7 @@ class Command:
     configure: Callable[[argparse.ArgumentParser], None]  # adds the command's options
     run: str  # "module:function", called with (parsed args, the command's own argv); returns the exit status
     epilog: str = ""
+    usage: str | None = None  # argparse's own when None
     check: Callable[[argparse.ArgumentParser, argparse.Namespace], None] | None = None  # after parsing
 
 
@@ -56,6 +53,7 @@ COMMANDS: list[Command] = [
         configure=options.configure_inspect,
         run="istfx.cli.inspect:run",
         epilog=options.INSPECT_EPILOG,
+        usage="istfx inspect MODEL.py [options]",
     ),
     Command(
         "train",
@@ -66,6 +64,7 @@ COMMANDS: list[Command] = [
         configure=options.configure_train,
         run="istfx.cli.train:run",
         epilog=options.TRAIN_EPILOG,
+        usage="istfx train MODEL.py [options]",
         check=options.check_backend_options,
     ),
 ]
@@ -103,7 +102,7 @@ def _parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentPars
     own = {}
     for command in COMMANDS:
         sub = subparsers.add_parser(command.name, help=command.help, description=command.description,
-                                    usage=f"istfx {command.name} MODEL.py [options]", epilog=command.epilog,
+                                    usage=command.usage, epilog=command.epilog,
                                     formatter_class=argparse.RawDescriptionHelpFormatter)
         command.configure(sub)
         own[command.name] = sub

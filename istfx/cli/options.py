@@ -132,8 +132,8 @@ returning iterables of (inputs, targets) batches.
 ranks: --backend torch runs one rank per subnet, --backend deepspeed
 subnets x --data-parallel ranks. On this machine `istfx train` starts them
 itself and says what they are doing until the first round (importing torch,
-capturing the model, joining); each rank receives this command's arguments
-unchanged. Round lines go to stdout, start-up progress and errors to stderr.
+capturing the model, loading data, joining), with the time each phase took;
+each rank receives this command's arguments unchanged. Round lines go to stdout, start-up progress and errors to stderr.
 
 on a cluster (the same ranks under torchrun, on every node):
   torchrun --nnodes 2 --nproc-per-node 2 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\

@@ -218,8 +218,8 @@ class StartupMonitor:
             status = read_status(self.directory, rank)
             if status and status.startswith("error\t"):
                 by_message.setdefault(status.split("\t", 1)[1], []).append(rank)
-        for message, ranks in by_message.items():
-            where = "" if len(ranks) == self.nproc else f" (rank{'s' if len(ranks) > 1 else ''} " \
-                f"{', '.join(map(str, ranks))})"
+        for message, ranks in by_message.items():  # ranks are named only when they disagree
+            where = "" if len(by_message) == 1 else \
+                f" (rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))})"
             print(f"istfx: error{where}: {message}", file=sys.stderr, flush=True)
         return bool(by_message)

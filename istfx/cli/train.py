@@ -31,14 +31,12 @@ The model file contract is :mod:`istfx.cli.loader`'s.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from istfx.cli import options
 from istfx.cli.loader import ModelFile, load_model_file
@@ -193,7 +191,7 @@ def _train_rank(args: argparse.Namespace, status: RankStatus | None) -> int:
     torch.manual_seed(args.seed + 1 + rank)
     train, test = _datasets(args, loaded)  # every rank takes part in evaluation (gathering); rank 0 scores
     enter("joining")
-    show, totals = _printer(args, args.quiet, _parameter_bytes(ist))
+    show, totals = _printer(args, args.quiet)
     if rank == 0 and not args.quiet and status is None:  # our launcher said it already
         print(f"istfx train {args.model}: {args.subnets} subnets on {world} ranks, {_describe(args)}", flush=True)
     try:
@@ -226,7 +224,7 @@ def _train_local(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed + 1)
     with phases.phase("loading data"):
         train, test = _datasets(args, loaded)
-    show, totals = _printer(args, args.quiet, _parameter_bytes(ist))
+    show, totals = _printer(args, args.quiet)
     history = istfx.fit(ist, _shards(args, train, loaded), backend=LocalBackend(), callback=show,
                         **_fit_kwargs(args, loaded, test))
     if not args.quiet:
@@ -314,27 +312,16 @@ def _mb(value: float | None) -> str:
     return "-" if value is None else f"{value / 2 ** 20:.3f}"
 
 
-def _printer(args: argparse.Namespace, quiet: bool, parameter_bytes: int):
+def _printer(args: argparse.Namespace, quiet: bool):
+    """A per-round printer for ``fit``'s callback, and the run's byte totals it keeps (``comm.ByteTotals``)."""
     from istfx.runtime import comm
 
-    totals = {"sent": 0.0, "ddp": 0.0, "local_sgd": 0.0, "rounds": 0}
-    label = "busiest rank MB"
+    totals = comm.ByteTotals()
 
     def show(row: dict) -> None:
-        nonlocal label
-        sent = [b for b in row.get("bytes_sent", []) if b is not None] if "bytes_sent" in row else None
-        received = [b for b in row.get("bytes_received", []) if b is not None] if "bytes_received" in row else None
-        if sent is None:  # local backend: nothing is sent; show what one ps worker would move
-            sizes = row.get("bytes_per_subnet", [])
-            sent = received = list(sizes)
-            label = "a ps worker would move MB"
-            steps = args.local_steps
-            row.setdefault("ddp_bytes_per_rank", comm.data_parallel_bytes(parameter_bytes, args.subnets, steps))
-            row.setdefault("local_sgd_bytes_per_rank", comm.local_sgd_bytes(parameter_bytes, args.subnets))
-        totals["sent"] += max(sent, default=0)
-        totals["ddp"] += row.get("ddp_bytes_per_rank") or 0.0
-        totals["local_sgd"] += row.get("local_sgd_bytes_per_rank") or 0.0
-        totals["rounds"] += 1
+        sent, received = totals.add(row)
+        # the local backend sends nothing: the row then shows what one ps worker would move
+        label = "busiest rank MB" if totals.measured else "a ps worker would move MB"
         if quiet:
             return
         acc = row.get("train_accuracy")
@@ -342,7 +329,7 @@ def _printer(args: argparse.Namespace, quiet: bool, parameter_bytes: int):
         line = (f"round {row['round'] + 1:4d}/{args.rounds}  loss {row['train_loss']:.4f}"
                 f"  acc {'-' if acc is None else format(acc, '.3f')}"
                 f"  test acc {'-' if eval_acc is None else format(eval_acc, '.3f')}"
-                f"  | {label} sent {_mb(max(sent, default=0))} recv {_mb(max(received, default=0))}")
+                f"  | {label} sent {_mb(sent)} recv {_mb(received)}")
         if row.get("ddp_bytes_per_rank") is not None:
             line += f"  (DDP {_mb(row['ddp_bytes_per_rank'])}, local SGD {_mb(row['local_sgd_bytes_per_rank'])})"
         line += f"  {row['seconds']:.2f}s"
@@ -355,13 +342,7 @@ def _printer(args: argparse.Namespace, quiet: bool, parameter_bytes: int):
     return show, totals
 
 
-def _parameter_bytes(ist) -> int:
-    plan = ist.plan
-    return sum(math.prod(plan.state_shapes[n]) * ist.state_tensor(n).element_size()
-               for n, kind in plan.state_kinds.items() if kind == "parameter")
-
-
-def _summary(history, totals: dict, ist) -> None:
+def _summary(history, totals, ist) -> None:
     if not history:
         print("istfx: nothing to do (the checkpoint is already at the last round)", flush=True)
         return
@@ -371,11 +352,10 @@ def _summary(history, totals: dict, ist) -> None:
           f"{'-' if last.get('eval_accuracy') is None else format(last['eval_accuracy'], '.4f')}, "
           f"{plan.subnets} subnets of {max(plan.parameters_per_subnet):,} / {plan.parameters_full:,} parameters",
           flush=True)
-    if totals["ddp"]:
-        ratio = totals["ddp"] / totals["sent"] if totals["sent"] else math.inf
-        print(f"bytes per rank: IST {_mb(totals['sent'])} MB (most loaded rank), data parallel "
-              f"{_mb(totals['ddp'])} MB, local SGD {_mb(totals['local_sgd'])} MB for the same samples "
-              f"({ratio:.1f}x less than data parallel)", flush=True)
+    if totals.data_parallel:
+        print(f"bytes per rank: IST {_mb(totals.ist)} MB (most loaded rank), data parallel "
+              f"{_mb(totals.data_parallel)} MB, local SGD {_mb(totals.local_sgd)} MB for the same samples "
+              f"({totals.ratio:.1f}x less than data parallel)", flush=True)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,9 @@ Usage::
 """
 from __future__ import annotations
 
+import functools
+import importlib.util
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -147,6 +150,8 @@ class AxisAnalysis:
         if name.startswith("higher_order.") and name.split(".", 1)[1] in _SUBGRAPH_OPS:
             return self._call_subgraph(gm, path, node, env)
         ctx = OpContext(self.alg, node, bind(node), lambda v: _lookup(env, v))
+        if _dead(node):
+            return None  # nothing reads it: what it would say about axes constrains nothing
         rule = lookup(node)
         if rule is None:
             rule_unknown(ctx)
@@ -177,13 +182,62 @@ class AxisAnalysis:
 
 
 def source_line(node: fx.Node) -> str:
-    """'file.py:12 `code`' of the model line that produced a node, from export's stack trace."""
+    """'file.py:12 `code`' of the user's line that produced a node, from export's stack trace.
+
+    The innermost frame outside library internals (torch, transformers, ...)
+    is the line the user wrote (``self.lstm(x)``); where the op itself comes
+    from deeper inside a library, that frame follows as ``(in rnn.py:1164)``.
+    """
     trace = node.meta.get("stack_trace") or ""
     frames = re.findall(r'File "([^"]+)", line (\d+), in [^\n]+\n\s*([^\n]*)', trace)
     if not frames:
         return ""
-    file, line, code = frames[-1]
-    return f"{file}:{line} `{code.strip()}`"
+    user = next((f for f in reversed(frames) if not _is_library(f[0])), frames[-1])
+    file, line, code = user
+    text = f"{file}:{line} `{code.strip()}`"
+    if user is not frames[-1]:
+        inner_file, inner_line, _ = frames[-1]
+        text += f" (in {_short_library_path(inner_file)}:{inner_line})"
+    return text
+
+
+LIBRARIES = ("torch", "transformers", "torch_geometric", "accelerate", "timm")
+
+
+@functools.lru_cache(maxsize=None)
+def _library_dirs() -> tuple[str, ...]:
+    """Install folders of the libraries whose frames are internals, not the user's code."""
+    dirs = []
+    for name in LIBRARIES:
+        try:
+            spec = importlib.util.find_spec(name)
+        except (ImportError, ValueError):
+            continue
+        for location in (spec.submodule_search_locations or []) if spec else []:
+            dirs.append(os.path.realpath(location) + os.sep)
+    return tuple(dirs)
+
+
+@functools.lru_cache(maxsize=4096)
+def _is_library(file: str) -> bool:
+    return os.path.realpath(file).startswith(_library_dirs())
+
+
+def _short_library_path(file: str) -> str:
+    """'torch/nn/modules/rnn.py' from an installed file's full path."""
+    real = os.path.realpath(file)
+    for folder in _library_dirs():
+        if real.startswith(folder):
+            return os.path.join(os.path.basename(folder.rstrip(os.sep)), real[len(folder):])
+    return file
+
+
+def _dead(node: fx.Node) -> bool:
+    """A pure op whose result nobody reads (``nn.MultiheadAttention``'s averaged attention weights when
+    the caller drops them): export keeps it, but it is not part of what the model computes."""
+    target = node.target
+    return (not node.users and isinstance(target, torch._ops.OpOverload) and not target._schema.is_mutable
+            and torch.Tag.nondeterministic_seeded not in target.tags)
 
 
 def get_attr_path(obj: Any, target: str) -> Any:

@@ -35,6 +35,15 @@ import torch
 PRODUCT = "product"
 CONCAT = "concat"
 
+# Frozen reasons that say an axis is not a set of units at all (a batch-like dynamic axis, the q/k/v
+# selector of a packed projection), as opposed to units the rules could not follow.
+DYNAMIC = "dynamic dimension (batch, sequence or nodes)"
+SELECTED = "a single position is selected"
+NOT_UNITS = (DYNAMIC, SELECTED)
+# A convolution's kernel window and spatial output (the roles pass tells conv channels and spatial positions by them).
+KERNEL_WINDOW = "convolution kernel window"
+SPATIAL = "spatial size follows the input"
+
 
 @dataclass
 class Refinement:
@@ -184,7 +193,7 @@ class AxisAlgebra:
             self._refinement[root] = Refinement(kind, children)
             return children
         if existing.kind != kind:
-            reason = f"axis of size {total} is both a {existing.kind} and a {kind}"
+            reason = _mixed_reason(total, existing.kind, [self.size(c) for c in existing.children], kind, sizes)
             self.freeze(root, reason)
             return [self.new(s, frozen=reason) for s in sizes]
         if [self.size(c) for c in existing.children] == sizes:
@@ -295,6 +304,19 @@ class AxisAlgebra:
     def roots(self) -> Iterable[int]:
         """Every class representative."""
         return (a for a in range(len(self._parent)) if self._parent[a] == a)
+
+
+def _mixed_reason(total: int, kind_a: str, sizes_a: list[int], kind_b: str, sizes_b: list[int]) -> str:
+    """Why an axis that is both a concatenation and a product is frozen.
+
+    A channel shuffle of concatenated branches (ShuffleNetV2) views ``cat(x1, x2)``
+    as ``[groups, C/groups]`` and transposes it: the pieces are interleaved. An
+    exact cut would have to keep unit i of every piece together, and each later
+    block halves the units that stay whole (116 channels: 58, 29, then none);
+    the algebra does not follow that and freezes the axis instead.
+    """
+    return (f"axis of size {total} is both a {kind_a} {sizes_a} and a {kind_b} {sizes_b}: its pieces are "
+            "interleaved (e.g. a channel shuffle of concatenated branches), a cut would have to pair their units")
 
 
 def _boundaries(kind: str, sizes: Sequence[int]) -> list[int]:

@@ -1,4 +1,7 @@
-"""``istfx.compile``: capture, analyse, plan; then decompose and reassemble each round.
+"""The compiler: capture, analyse, plan with the passes handed in; then decompose and reassemble each round.
+
+:func:`compile` here takes its passes as arguments; ``istfx.compile``
+(:mod:`istfx.api`) hands it the default ones.
 
 Usage::
 
@@ -21,12 +24,14 @@ import torch
 from torch import nn
 
 from istfx.core.analysis import AnalysisResult, AxisAnalysis, get_attr_path
-from istfx.core.capture import Captured, capture, infer_example_inputs, normalize_example_inputs
-from istfx.errors import ISTError, NonFiniteUpdateError, NothingToSplitError, UnsupportedOpError
+from istfx.core.capture import (Captured, capture, infer_example_inputs, normalize_example_inputs,
+                                state_unchanged)
+from istfx.core.interfaces import BlockFinder, DepthPlan, GroupDescriber, GroupSplitter
 from istfx.core.groups import EXACT, build_groups
 from istfx.core.plan import Plan, Policy, parse_policy
 from istfx.core.slicing import RoundSlices
 from istfx.core.subnet import SubnetTemplate
+from istfx.errors import ISTError, NonFiniteUpdateError, NothingToSplitError, UnsupportedOpError
 
 
 @dataclass(frozen=True)
@@ -92,7 +97,11 @@ class ISTModel:
 
         Each subnet has the model's call signature and output structure, takes
         any batch size, and owns fresh copies of its slice of every parameter
-        and buffer. Subnets run in training mode (as captured).
+        and buffer. Subnets start in training mode; ``subnet.eval()`` turns
+        dropout off and batch norm to running statistics as ``model.eval()``
+        does (a model whose Python code branches on ``self.training`` in
+        another way is detected at compile time: its subnets then refuse
+        evaluation mode with an :class:`ISTError`).
         """
         if not isinstance(round, int) or round < 0:
             raise ISTError(f"round must be a non-negative int, got {round!r}")
@@ -128,7 +137,8 @@ class ISTModel:
             if self.plan.depth_scaling == "train":
                 factor = 1.0 / self.plan.keep_probability
                 scale = [(br, factor) for b in held_blocks for br in self.plan.blocks[b].branches]
-            self._templates[key] = SubnetTemplate(self.captured.module, self.analysis, new_size, drop, scale)
+            self._templates[key] = SubnetTemplate(self.captured.module, self.analysis, new_size, drop, scale,
+                                                  self.captured.eval_refusal)
         return self._templates[key]
 
     # -- depth scaling -----------------------------------------------------------
@@ -297,52 +307,20 @@ def compile(
     sizes: Sequence[float] | None = None,
     seed: int = 0,
     strict: bool = False,
-    split_inner: bool = False,
-    split_approximate: bool = False,
-    blocks: str | None = None,
+    width: GroupSplitter | None = None,
+    depth: BlockFinder | None = None,
+    describe: GroupDescriber | None = None,
     min_depth: int | None = None,
-    width: bool = True,
     depth_scaling: str = "eval",
-    shortcut_blocks: str = "share",
-    group_blocks: str | None = None,
+    dynamic: Any = "auto",
 ) -> ISTModel:
-    """Compile `model` for Independent Subnet Training with `subnets` subnets.
+    """Compile `model` with the passes handed in (``istfx.compile`` hands in the defaults).
 
-    Args:
-        model: any ``nn.Module`` that ``torch.export`` can capture.
-        subnets: S, the number of independent subnets per round (>= 1).
-        example_inputs: a tensor, a tuple of args, a dict of kwargs or
-            ``(args, kwargs)``; inferred from HF ``dummy_inputs`` or the first
-            Linear/Conv/Embedding layer when omitted. Use a batch of at least 2.
-        policy: ``"disjoint"`` (default), ``"overlap(0.5)"`` or ``"rolling"``.
-        sizes: per-subnet fractions of each split group (heterogeneous subnets).
-        seed: seeds the per-round assignment; equal seeds give equal rounds
-            in every process.
-        strict: raise :class:`UnsupportedOpError` when an op has no axis rule,
-            instead of freezing its axes and reporting it in ``plan.diagnostics``.
-        split_inner: also cut minor factors of viewed axes (e.g. head_dim).
-        split_approximate: also cut *approximate* groups (e.g. d_model, normalised
-            by LayerNorm/RMSNorm): valid narrower subnets, not mask-equivalent.
-        blocks: turn on the depth pass (ResIST): a module-name glob (``"*"``,
-            ``"layer3.*"``) selecting residual blocks with an identity skip to
-            deal out among subnets; a subnet skips the blocks it does not hold.
-        min_depth: each subnet holds at least this many blocks (blocks then
-            overlap and are averaged).
-        width: split neurons/channels/heads too (``False``: depth only).
-        depth_scaling: ``"eval"`` (ResIST: train unscaled, scale branches by p
-            for evaluation; see :meth:`ISTModel.inference_scaling` and
-            :meth:`ISTModel.finalize`) or ``"train"`` (kept branches scaled
-            by 1/p while training, so the model needs no scaling afterwards), or
-            ``"none"`` (no scaling; for ablations).
-        shortcut_blocks: ``"share"`` (default: strided/projection blocks are
-            kept in every subnet and averaged) or ``"drop"`` (dealt out like
-            the others, keeping their shortcut path; ResIST's naive variant).
-        group_blocks: a module glob (``"model.layers.*"``) whose matches are the
-            droppable units: every residual branch inside one match is dropped
-            together (by default a unit is the module holding one branch).
-
-    Returns:
-        An :class:`ISTModel`; ``print(ist.plan)`` shows the decomposition.
+    Capture, axis analysis and groups are the core's; what to cut is the
+    passes': `width` chooses the groups to split (none when ``None``),
+    `depth` the residual blocks to deal out (none when ``None``), and
+    `describe` labels each group's role for the plan's table. The other
+    arguments are those of :func:`istfx.compile`.
     """
     if not isinstance(model, nn.Module):
         raise ISTError(f"istfx.compile expects a torch.nn.Module, got {type(model).__name__}.")
@@ -355,11 +333,16 @@ def compile(
             raise ISTError(f"sizes must give {subnets} fractions in (0, 1], got {list(sizes)}.")
         if policy.disjoint and sum(sizes) > 1 + 1e-9:
             raise ISTError(f"disjoint subnets cannot hold more than all units: sizes sum to {sum(sizes):.3f} > 1.")
-    if example_inputs is None:
-        args, kwargs = infer_example_inputs(model)
-    else:
-        args, kwargs = normalize_example_inputs(example_inputs)
-    captured = capture(model, args, kwargs)
+    if depth_scaling not in ("eval", "train", "none"):
+        raise ISTError(f"depth_scaling must be 'eval', 'train' or 'none', got {depth_scaling!r}.")
+    if depth is None and min_depth is not None:
+        raise ISTError("min_depth needs the depth pass: pass blocks='*' (or a module glob) as well.")
+    with state_unchanged(model):  # capture runs the model: its weights and statistics stay as they are
+        if example_inputs is None:
+            args, kwargs = infer_example_inputs(model)
+        else:
+            args, kwargs = normalize_example_inputs(example_inputs)
+        captured = capture(model, args, kwargs, dynamic)
     analysis = AxisAnalysis(captured.module).run()
     if strict and analysis.diagnostics:
         lines = "\n".join(f"  - {d}" for d in analysis.diagnostics)
@@ -368,29 +351,30 @@ def compile(
             "Register rules with istfx.register_rule(...) or compile with strict=False to keep their axes whole."
         )
     groups = build_groups(analysis)
-    from istfx.passes import WidthPass  # passes build on the core, import late
-
-    split, skipped = WidthPass(subnets, split_inner, split_approximate).run(groups) if width else ([], {})
-    selected, shared_blocks, folds = _plan_depth(captured, blocks, min_depth, depth_scaling, shortcut_blocks,
-                                                 group_blocks)
+    split, skipped = width.run(groups) if width is not None else ([], {})
+    blocks = _plan_depth(captured, depth, min_depth, depth_scaling)
+    selected = blocks.blocks
     if selected and len(selected) < subnets and not min_depth:
         warnings.warn(
             f"istfx: {len(selected)} residual blocks dealt out among {subnets} subnets: {subnets - len(selected)} "
             "subnets hold none each round and train only the shared layers. Pass min_depth=1 (blocks then "
-            "overlap) or fewer subnets.", UserWarning, stacklevel=2)
-    if not split and not width and not selected:
+            "overlap) or fewer subnets.", UserWarning, stacklevel=3)
+    if not split and width is None and not selected:
         raise ISTError("width=False and no blocks= given: nothing would be split. Pass blocks='*' for depth.")
     state_kinds = {n: t.kind for n, t in analysis.state.items()}
     plan = Plan(
         subnets=subnets, groups=groups, split=split, policy=policy, seed=int(seed), sizes=sizes,
         state_kinds=state_kinds, state_shapes={n: t.shape for n, t in analysis.state.items()},
         diagnostics=list(analysis.diagnostics), skipped=skipped, token=uuid.uuid4().hex,
-        blocks=selected, shared_blocks=shared_blocks, min_depth=min_depth, depth_scaling=depth_scaling,
+        blocks=selected, shared_blocks=blocks.shared, min_depth=min_depth, depth_scaling=depth_scaling,
+        specialized=list(captured.specialized),
     )
     ist = ISTModel(model, plan, captured, analysis)
-    ist._fold_targets = folds
+    ist._fold_targets = blocks.carriers if depth_scaling == "eval" else []
     plan.parameters_per_subnet = ist.subnet_parameter_counts()
     plan.parameters_full = sum(math.prod(s) for n, s in plan.state_shapes.items() if state_kinds[n] == "parameter")
+    if describe is not None:
+        plan.roles = dict(describe(ist))
     # The plan exists even when nothing splits: the error carries it, so callers can show why.
     if not split and not selected:
         exact = [g for g in groups if g.status == EXACT]
@@ -411,47 +395,21 @@ def compile(
     return ist
 
 
-def _plan_depth(captured: Captured, pattern: str | None, min_depth: int | None, scaling: str, shortcut_blocks: str,
-                group: str | None = None):
-    """(blocks dealt out, blocks kept in every subnet, parameters that fold the eval scaling)."""
-    if scaling not in ("eval", "train", "none"):
-        raise ISTError(f"depth_scaling must be 'eval', 'train' or 'none', got {scaling!r}.")
-    if shortcut_blocks not in ("share", "drop"):
-        raise ISTError(f"shortcut_blocks must be 'share' or 'drop', got {shortcut_blocks!r}.")
-    if pattern is None:
-        if min_depth is not None:
-            raise ISTError("min_depth needs the depth pass: pass blocks='*' (or a module glob) as well.")
-        return [], [], []
-    from istfx.passes.depth import find_carrier, find_residual_blocks, group_blocks, select_blocks
-
-    found, shortcuts = find_residual_blocks(captured.module)
-    if group is not None:
-        found = group_blocks(found, group)
-    droppable = [b for b in found if b.droppable]
-    if not droppable:
+def _plan_depth(captured: Captured, depth: BlockFinder | None, min_depth: int | None, scaling: str) -> DepthPlan:
+    """The depth pass's plan, checked against the options the core owns (min_depth, the scaling)."""
+    if depth is None:
+        return DepthPlan([])
+    plan = depth.run(captured.module)
+    if min_depth is not None and not 1 <= min_depth <= len(plan.blocks):
+        raise ISTError(f"min_depth={min_depth} must be between 1 and the {len(plan.blocks)} droppable blocks "
+                       "selected.")
+    if scaling == "eval" and plan.uncarried:
+        name, why = next(iter(plan.uncarried.items()))
         raise ISTError(
-            "blocks= asks for depth, but the model has no residual block with an identity skip "
-            "(an add of a tensor and a branch computed from it). Compile without blocks= for width only."
+            f"block {name}: nothing can carry the evaluation scale p: {why}. "
+            "Compile with depth_scaling='train' (branches scaled by 1/p while training) instead."
         )
-    selected = select_blocks(found, pattern, shortcuts if shortcut_blocks == "drop" else [])
-    if not selected:
-        names = ", ".join(b.module for b in droppable[:12])
-        raise ISTError(f"blocks={pattern!r} matches no droppable residual block; they are: {names}.")
-    if min_depth is not None and not 1 <= min_depth <= len(selected):
-        raise ISTError(f"min_depth={min_depth} must be between 1 and the {len(selected)} droppable blocks selected.")
-    shared = [b for b in found + shortcuts if b not in selected]
-    folds: list[str] = []
-    if scaling == "eval":
-        for block in selected:
-            for branch in block.branches:
-                targets, why = find_carrier(captured.module, branch)
-                if targets is None:
-                    raise ISTError(
-                        f"block {block.name}: nothing can carry the evaluation scale p: {why}. "
-                        "Compile with depth_scaling='train' (branches scaled by 1/p while training) instead."
-                    )
-                folds.extend(t for t in targets if t not in folds)
-    return selected, shared, folds
+    return plan
 
 
 __all__ = ["compile", "ISTModel", "SubnetInfo", "ReassembleReport"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from istfx.core.analysis import AnalysisResult
-from istfx.core.axes import CONCAT, PRODUCT
+from istfx.core.axes import CONCAT, NOT_UNITS, PRODUCT
 
 EXACT, APPROXIMATE, FROZEN = "exact", "approximate", "frozen"
 
@@ -109,6 +109,10 @@ def _walk(alg, atom: int, offset: int, length: int, unit: int, inner: bool):
         seen_major = False
         for child, size, child_unit in zip(ref.children, sizes, strides):
             yield from _walk(alg, child, offset, length, child_unit, inner or seen_major)
-            # A frozen major factor (the q/k/v selector of a packed projection, a folded batch) is never
-            # cut, so the factors after it are not minor factors of anything a plan can cut.
-            seen_major = seen_major or (size > 1 and not alg.flags(child).frozen)
+            # A major factor that is no set of units (the q/k/v selector of a packed projection, a batch
+            # folded with heads) does not make the factors after it minor.
+            seen_major = seen_major or (size > 1 and not _not_units(alg, child))
+
+
+def _not_units(alg, atom: int) -> bool:
+    return any(r.startswith(NOT_UNITS) for r in alg.flags(atom).frozen)

@@ -26,8 +26,10 @@ import numpy as np
 import torch
 
 from istfx.core.analysis import Diagnostic
-from istfx.errors import ISTError
+from istfx.core.interfaces import Block, RoleLabel
 from istfx.core.groups import APPROXIMATE, EXACT, FROZEN, Group  # noqa: F401  (re-exported)
+from istfx.core.report import format_plan
+from istfx.errors import ISTError
 
 
 @dataclass(frozen=True)
@@ -109,26 +111,24 @@ class Plan:
     token: str = ""
     parameters_full: int = 0
     parameters_per_subnet: list[int] = field(default_factory=list)
-    blocks: list = field(default_factory=list)  # droppable residual blocks dealt out (passes.depth.Block)
-    shared_blocks: list = field(default_factory=list)  # residual blocks found but kept in every subnet
+    blocks: list[Block] = field(default_factory=list)  # droppable residual blocks dealt out
+    shared_blocks: list[Block] = field(default_factory=list)  # residual blocks found but kept in every subnet
     min_depth: int | None = None
     depth_scaling: str = "eval"
+    specialized: list[str] = field(default_factory=list)  # input dims captured static, and why
+    roles: dict[int, RoleLabel] = field(default_factory=dict)  # group id -> role, from the describing pass
 
     # -- depth -----------------------------------------------------------------
     def block_assignment(self, round: int) -> list[list[int]]:
         """Indices into `blocks` that each subnet keeps in `round` (all others are skipped)."""
         if not self.blocks:
             return [[] for _ in range(self.subnets)]
-        from istfx.passes.depth import deal_blocks
-
         rng = np.random.default_rng([self.seed, round, len(self.groups) + 1_000_003])
         return deal_blocks(len(self.blocks), self.subnets, self.min_depth, rng)
 
     @property
     def keep_probability(self) -> float:
         """p: the average fraction of subnets holding each droppable block per round."""
-        from istfx.passes.depth import keep_probability
-
         return keep_probability(len(self.blocks), self.subnets, self.min_depth)
 
     # -- assignment ----------------------------------------------------------
@@ -162,6 +162,7 @@ class Plan:
                     "status": g.status,
                     "split": g.id in self.split,
                     "units_per_subnet": self.counts(g) if g.id in self.split else None,
+                    "role": self.roles[g.id].name if g.id in self.roles else None,
                     "reasons": g.reasons,
                     "kept_whole": self.skipped.get(g.id),
                     "inner": g.inner,
@@ -173,6 +174,8 @@ class Plan:
                 }
                 for g in self.groups
             ],
+            "parameters_full": self.parameters_full,
+            "parameters_per_subnet": list(self.parameters_per_subnet),
             "blocks": [
                 {"module": b.module, "parameters": b.parameters, "droppable": True} for b in self.blocks
             ] + [
@@ -183,6 +186,7 @@ class Plan:
             "min_depth": self.min_depth,
             "depth_scaling": self.depth_scaling if self.blocks else None,
             "block_keep_probability": self.keep_probability if self.blocks else None,
+            "specialized": list(self.specialized),
             "diagnostics": [
                 {"op": d.op, "node": d.node, "source": d.source, "message": d.message} for d in self.diagnostics
             ],
@@ -193,9 +197,35 @@ class Plan:
         return json.dumps(self.to_dict(), indent=2)
 
     def __str__(self) -> str:
-        from istfx.core.report import format_plan
-
         return format_plan(self)
+
+
+def deal_blocks(n_blocks: int, subnets: int, min_depth: int | None, rng: np.random.Generator) -> list[list[int]]:
+    """Blocks each subnet keeps this round: a random partition, topped up to `min_depth`.
+
+    Without `min_depth` every block is in exactly one subnet (shares differ by
+    at most one). With it, a subnet holding fewer than `min_depth` blocks
+    borrows random others, so blocks overlap and are averaged on reassembly.
+    """
+    perm = [int(i) for i in rng.permutation(n_blocks)]
+    base, extra = divmod(n_blocks, subnets)
+    held, start = [], 0
+    for s in range(subnets):
+        size = base + (1 if s < extra else 0)
+        held.append(sorted(perm[start:start + size]))
+        start += size
+    if min_depth:
+        for s in range(subnets):
+            others = [b for b in (int(i) for i in rng.permutation(n_blocks)) if b not in held[s]]
+            held[s] = sorted(held[s] + others[: max(0, min_depth - len(held[s]))])
+    return held
+
+
+def keep_probability(n_blocks: int, subnets: int, min_depth: int | None) -> float:
+    """The fraction of subnets that hold a block in a round, on average (ResIST's p)."""
+    base = n_blocks / subnets
+    per_subnet = max(base, min_depth or 0) if min_depth else base
+    return min(1.0, per_subnet / n_blocks) if n_blocks else 1.0
 
 
 def unit_counts(units: int, subnets: int, sizes: Sequence[float] | None, policy: Policy) -> list[int]:
@@ -227,5 +257,5 @@ def unit_counts(units: int, subnets: int, sizes: Sequence[float] | None, policy:
     return counts
 
 
-__all__ = ["Plan", "Disjoint", "Overlap", "Rolling", "parse_policy", "unit_counts",
+__all__ = ["Plan", "Disjoint", "Overlap", "Rolling", "parse_policy", "unit_counts", "deal_blocks", "keep_probability",
            "EXACT", "APPROXIMATE", "FROZEN"]

@@ -10,6 +10,7 @@ Usage::
     template = SubnetTemplate(captured.module, analysis, new_size)
     subnet = template.instantiate({"fc1.weight": w_slice, ...})
     subnet(x)   # same call signature and output structure as the model
+    subnet.eval()(x)   # dropout off, batch norm on running statistics, as model.eval()
 """
 from __future__ import annotations
 
@@ -23,9 +24,11 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 from istfx.core.analysis import AnalysisResult, get_attr_path
+from istfx.core.capture import InputShapes
+from istfx.core.modes import add_eval_refusal, follow_training_flag
 
 if TYPE_CHECKING:
-    from istfx.passes.depth import Branch
+    from istfx.core.interfaces import Branch
 
 
 class SubnetTemplate:
@@ -38,6 +41,7 @@ class SubnetTemplate:
         new_size: Callable[[int], int],
         drop: Sequence[Branch] = (),
         scale: Sequence[tuple[Branch, float]] = (),
+        eval_refusal: str | None = None,
     ) -> None:
         # Copy graph and code, not weights: state tensors become empty placeholders.
         memo = {id(t): torch.empty(0, dtype=t.dtype) for t in _state_tensors(base)}
@@ -46,6 +50,7 @@ class SubnetTemplate:
         with warnings.catch_warnings():  # torch's own pytree deprecation notices while copying specs
             warnings.simplefilter("ignore", FutureWarning)
             module = copy.deepcopy(base, memo)
+        _keep_input_checks(base, module)
         touched: set[int] = set()
         for (path, node_name), rewriters in analysis.rewriters.items():
             graph_module = module if not path else get_attr_path(module, path.rstrip("."))
@@ -56,6 +61,12 @@ class SubnetTemplate:
         dropped = _drop_branches(module.graph, drop)
         _scale_branches(module.graph, scale)
         if drop or scale or _follow_input_device(module.graph):
+            touched.add(id(module))
+        # subnet.eval() switches dropout and batch norm as model.eval() does (or refuses, see core.modes).
+        if follow_training_flag(module):
+            touched.update(id(sub) for sub in module.modules() if isinstance(sub, fx.GraphModule))
+        if eval_refusal:
+            add_eval_refusal(module, eval_refusal)
             touched.add(id(module))
         for sub in module.modules():
             if isinstance(sub, fx.GraphModule) and id(sub) in touched:
@@ -102,7 +113,18 @@ class SubnetTemplate:
                     object.__setattr__(new, k, tensors[fqn])  # graph constants
             return new
 
-        return clone(self.module, "")
+        subnet = clone(self.module, "")
+        _keep_input_checks(self.module, subnet)
+        return subnet
+
+
+def _keep_input_checks(base: fx.GraphModule, module: fx.GraphModule) -> None:
+    """Carry the input shape check (a forward pre-hook) that GraphModule's copies leave behind."""
+    if any(isinstance(h, InputShapes) for h in module._forward_pre_hooks.values()):
+        return
+    for hook in base._forward_pre_hooks.values():
+        if isinstance(hook, InputShapes):
+            module.register_forward_pre_hook(hook, prepend=True, with_kwargs=True)
 
 
 def _drop_branches(graph: fx.Graph, branches: Sequence[Branch]) -> set[str]:

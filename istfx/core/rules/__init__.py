@@ -33,6 +33,7 @@ from .contract import (rule_addmm, rule_baddbmm, rule_conv, rule_einsum, rule_li
                        rule_sum)
 from .elementwise import (rule_copy, rule_creation, rule_getitem, rule_identity, rule_no_output, rule_pointwise,
                           rule_positions, rule_prelu, rule_unknown)
+from .experts import rule_grouped_mm, rule_histc
 from .index import (rule_embedding, rule_gather, rule_index, rule_index_add, rule_index_fill, rule_index_put,
                     rule_index_select, rule_masked_scatter_like, rule_scatter, rule_segment_reduce)
 from .norm import rule_batch_norm, rule_group_norm, rule_layer_norm, rule_reduce, rule_rms_norm, rule_scan, rule_softmax
@@ -163,6 +164,8 @@ _table(rule_masked_scatter_like, "aten.masked_scatter", "aten.masked_select")
 _table(rule_embedding, "aten.embedding")
 _table(rule_sdpa, "aten.scaled_dot_product_attention")
 _table(rule_einsum, "aten.einsum")
+_table(rule_grouped_mm, "transformers.grouped_mm_fallback", "aten._grouped_mm")
+_table(rule_histc, "aten.histc")
 _table(rule_pool, "aten.max_pool1d", "aten.max_pool2d", "aten.max_pool3d", "aten.avg_pool1d",
        "aten.avg_pool2d", "aten.avg_pool3d", "aten.adaptive_avg_pool1d", "aten.adaptive_avg_pool2d",
        "aten.adaptive_avg_pool3d", "aten.adaptive_max_pool1d", "aten.adaptive_max_pool2d",
@@ -182,7 +185,8 @@ _table(rule_pointwise, "aten.dropout", "aten.where", "aten.clamp", "aten.clamp_m
        "aten.leaky_relu", "aten.hardswish", "aten.hardsigmoid", "aten.relu6", "aten.celu", "aten.selu",
        "aten.__and__", "aten.__or__", "aten.__xor__", "aten.logical_not",
        "aten.type_as", "aten.nan_to_num", "aten.pow", "aten.fill_", "aten.fill",
-       "aten.zero_", "aten.bernoulli", "aten.bernoulli_", "aten.threshold", "aten.rsub")
+       "aten.zero_", "aten.bernoulli", "aten.bernoulli_", "aten.threshold", "aten.rsub",
+       "aten.floor_divide", "aten.remainder", "aten.fmod")
 # In-place ops (relu_, add_, hardswish_...) need no line: `lookup` gives them their out-of-place op's rule.
 _table(rule_identity, "aten.to", "aten._to_copy", "aten.contiguous", "aten.clone", "aten.detach",
        "aten.detach_", "aten.alias", "aten.lift_fresh_copy", "aten.lift_fresh", "aten.requires_grad_",

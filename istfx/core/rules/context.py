@@ -8,7 +8,7 @@ import sympy
 import torch
 import torch.fx as fx
 
-from ..axes import AxisAlgebra
+from ..axes import DYNAMIC, AxisAlgebra
 
 Rewriter = Callable[[fx.Node, Callable[[int], int]], None]
 
@@ -144,9 +144,19 @@ def hint(d: Any) -> int:
 
 
 def new_atom(alg: AxisAlgebra, d: Any) -> int:
-    """An atom for a size; dynamic sizes are frozen."""
+    """An atom for a size; dynamic sizes are frozen.
+
+    A dynamic size with a static coefficient (``4*s0``: batch x heads folded by
+    a view) is not frozen itself: when it meets the view that made it, it takes
+    that view's product refinement, whose dynamic factor is frozen and whose
+    static factors may be cut. No parameter axis can be unified with it (sizes
+    differ), so it is never cut on its own.
+    """
     if isinstance(d, Sym):
-        return alg.new(d.hint, frozen="dynamic dimension (batch, sequence or nodes)", symbolic=d)
+        coeff, _ = d.expr.as_coeff_Mul()
+        if coeff.is_Integer and int(coeff) > 1:
+            return alg.new(d.hint, symbolic=d)
+        return alg.new(d.hint, frozen=DYNAMIC, symbolic=d)
     return alg.new(d)
 
 

@@ -6,7 +6,7 @@ from typing import Callable
 import torch
 import torch.fx as fx
 
-from ..axes import PRODUCT
+from ..axes import KERNEL_WINDOW, PRODUCT, SPATIAL
 from .context import OpContext, Rewriter, Sym, _dim_list, op_name, set_arg
 from .norm import rule_reduce
 
@@ -88,9 +88,9 @@ def rule_conv(ctx: OpContext) -> None:
     if not unbatched:
         ctx.same(out[0], x[0])
     for a in w[2:]:
-        ctx.freeze(a, "convolution kernel window")
+        ctx.freeze(a, KERNEL_WINDOW)
     for a in out[len(out) - (len(w) - 2):]:
-        ctx.freeze(a, "spatial size follows the input")
+        ctx.freeze(a, SPATIAL)
     if transposed:  # weight [C_in, C_out/G, k...]
         ctx.same(x_ch, w[0])
         in_full, out_per_group_axis = w[0], w[1]

@@ -127,14 +127,15 @@ def _factors(alg, atom: int, d: Any) -> list[tuple[int, bool]] | None:
 
 
 def _dynamic_chunk(ctx: OpContext, chunk_in: list, chunk_out: list, out: list) -> bool:
-    """A view that folds static axes into one dynamic factor, or unfolds them (batch x heads).
+    """A view that folds static axes into a dynamic one, or unfolds them (batch x heads).
 
-    ``[B, L, 768] -> [B*12, L, 64]`` (BLOOM, nn.MultiheadAttention): the chunk
-    holds one dynamic factor ``B`` on each side; the static factors before and
-    after it are views of each other (the static algebra), and an output axis
-    ``a*B*b`` becomes a product ``[a, B, b]`` whose static factors can be cut.
-    Returns False (the caller freezes) for anything else: several dynamic
-    factors, or a dynamic axis whose internal order is unknown.
+    ``[B, L, 768] -> [B*12, L, 64]`` (BLOOM, nn.MultiheadAttention): the
+    dynamic factors of the chunk form one run on each side (``B``; or ``L, B``
+    folded into ``L*B``); the static factors before and after the run are
+    views of each other (the static algebra), and an output axis ``a*B*b``
+    becomes a product ``[a, B, b]`` whose static factors can be cut. Returns
+    False (the caller freezes) for anything else: dynamic factors apart from
+    each other, or a dynamic axis whose internal order is unknown.
     """
     alg = ctx.alg
     ins: list[tuple[int, bool]] = []
@@ -144,41 +145,61 @@ def _dynamic_chunk(ctx: OpContext, chunk_in: list, chunk_out: list, out: list) -
             return False
         ins.extend(factors)
     dynamic = [k for k, (_, dyn) in enumerate(ins) if dyn]
-    sym_out = [(pos, d) for pos, d in chunk_out if isinstance(d, Sym)]
-    if len(dynamic) != 1 or len(sym_out) != 1:
+    sym_at = [i for i, (_, d) in enumerate(chunk_out) if isinstance(d, Sym)]
+    if not dynamic or not _contiguous(dynamic) or not sym_at or not _contiguous(sym_at):
         return False
-    k = dynamic[0]
-    source = ins[k][0]
-    if _coefficient(sym_out[0][1])[1] != alg.symbolic(source).expr:
+    k0, k1 = dynamic[0], dynamic[-1] + 1
+    run = [a for a, _ in ins[k0:k1]]
+    run_sym = _product_sym([alg.symbolic(a) for a in run])
+    coeffs = [_coefficient(chunk_out[i][1]) for i in sym_at]
+    if len(sym_at) > 1 and any(c != 1 for c, _ in coeffs):
         return False
-    before = math.prod(alg.size(a) for a, _ in ins[:k])
-    sym_pos = next(i for i, (pos, _) in enumerate(chunk_out) if pos == sym_out[0][0])
-    out_before = math.prod(d for _, d in chunk_out[:sym_pos])
-    coeff = _coefficient(sym_out[0][1])[0]
+    if _product_sym([Sym(rest, 1) for _, rest in coeffs]) != run_sym:
+        return False
+    before = math.prod(alg.size(a) for a, _ in ins[:k0])
+    out_before = math.prod(d for _, d in chunk_out[:sym_at[0]])
+    coeff = coeffs[0][0] if len(sym_at) == 1 else 1
     if before % out_before or coeff % (before // out_before):
         return False
-    major = before // out_before  # static factors of the dynamic output axis before and after its dynamic one
+    major = before // out_before  # static factors of the dynamic output axis before and after its dynamic run
     minor = coeff // major
-    head_sizes = [d for _, d in chunk_out[:sym_pos]] + ([major] if major > 1 else [])
-    tail_sizes = ([minor] if minor > 1 else []) + [d for _, d in chunk_out[sym_pos + 1:]]
-    if math.prod(head_sizes) != before:
+    head_sizes = [d for _, d in chunk_out[:sym_at[0]]] + ([major] if major > 1 else [])
+    tail_sizes = ([minor] if minor > 1 else []) + [d for _, d in chunk_out[sym_at[-1] + 1:]]
+    tail_in = [a for a, _ in ins[k1:]]
+    if math.prod(head_sizes) != before or math.prod(tail_sizes) != math.prod(alg.size(a) for a in tail_in):
         return False
-    head = _static_view(alg, [a for a, _ in ins[:k]], head_sizes)
-    tail = _static_view(alg, [a for a, _ in ins[k + 1:]], tail_sizes)
-    for (pos, _), atom in zip(chunk_out[:sym_pos], head):
+    head = _static_view(alg, [a for a, _ in ins[:k0]], head_sizes)
+    tail = _static_view(alg, tail_in, tail_sizes)
+    for (pos, _), atom in zip(chunk_out[:sym_at[0]], head):
         out[pos] = atom
-    for (pos, _), atom in zip(chunk_out[sym_pos + 1:], tail[1 if minor > 1 else 0:]):
+    for (pos, _), atom in zip(chunk_out[sym_at[-1] + 1:], tail[1 if minor > 1 else 0:]):
         out[pos] = atom
-    parts = ([head[-1]] if major > 1 else []) + [source] + ([tail[0]] if minor > 1 else [])
-    if len(parts) == 1:
-        out[sym_out[0][0]] = source
+    if len(sym_at) > 1 or (len(run) > 1 and major == minor == 1):  # dynamic axes regrouped: new dynamic atoms
+        for i in sym_at:
+            out[chunk_out[i][0]] = new_atom(alg, chunk_out[i][1])
         return True
-    sym = sym_out[0][1]
+    source = run[0] if len(run) == 1 else new_atom(alg, run_sym)
+    parts = ([head[-1]] if major > 1 else []) + [source] + ([tail[0]] if minor > 1 else [])
+    pos, sym = chunk_out[sym_at[0]]
+    if len(parts) == 1:
+        out[pos] = source
+        return True
     folded = alg.new(hint(sym), symbolic=sym)  # not frozen itself: its static factors may be cut
     for child, atom in zip(alg.refine(folded, PRODUCT, [alg.size(p) for p in parts]), parts):
         alg.unify(child, atom)
-    out[sym_out[0][0]] = folded
+    out[pos] = folded
     return True
+
+
+def _contiguous(positions: list[int]) -> bool:
+    return positions == list(range(positions[0], positions[-1] + 1))
+
+
+def _product_sym(syms: list[Sym]) -> Sym:
+    expr, value = 1, 1
+    for s in syms:
+        expr, value = expr * s.expr, value * s.hint
+    return Sym(expr, value)
 
 
 def _rewrite_size_list(arg_name: str, out_axes: list[int], offset: int = 0,

@@ -7,7 +7,7 @@ from typing import Callable
 import torch
 import torch.fx as fx
 
-from ..axes import CONCAT
+from ..axes import CONCAT, SELECTED, SPATIAL
 from .context import OpContext, Sym, _dim_list, _norm_dim, dims, op_name, set_arg
 from .reshape import _rewrite_size_list, reshape_axes
 
@@ -155,16 +155,19 @@ def rule_split(ctx: OpContext) -> None:
 
     def rewrite(node: fx.Node, new_size: Callable[[int], int]) -> None:
         new_sizes = [new_size(p) for p in pieces]
-        if node.target is torch.ops.aten.split.Tensor:
-            node.target = torch.ops.aten.split_with_sizes.default
-            node.args = (node.args[0], new_sizes, *node.args[2:])
-        elif node.target is torch.ops.aten.split_with_sizes.default:
+        if node.target is torch.ops.aten.split_with_sizes.default:
             set_arg(node, "split_sizes", new_sizes)
-        elif len(set(new_sizes)) != 1 or new_sizes != [new_sizes[0]] * len(pieces):
-            raise ValueError(f"cannot shrink {op_name(node)} unevenly")
+        elif new_sizes == [new_size(x[d])] or (len(set(new_sizes)) == 1 and node.target in _EQUAL_PIECES):
+            return  # split(size), chunk(n), tensor_split(n) of the smaller axis give these pieces
+        else:  # pieces cut unevenly (one frozen, one split): name the sizes
+            node.target = torch.ops.aten.split_with_sizes.default
+            node.args, node.kwargs = (node.args[0], new_sizes, d), {}
 
     ctx.rewrite(rewrite)
     ctx.output(outs)
+
+
+_EQUAL_PIECES = (torch.ops.aten.chunk.default, torch.ops.aten.tensor_split.sections)
 
 
 def rule_slice(ctx: OpContext) -> None:
@@ -221,7 +224,7 @@ def rule_narrow(ctx: OpContext) -> None:
 def rule_select(ctx: OpContext) -> None:
     x = ctx.axes("self")
     d = _norm_dim(ctx.arg("dim"), len(x))
-    ctx.freeze(x[d], "a single position is selected")
+    ctx.freeze(x[d], SELECTED)
     ctx.output(x[:d] + x[d + 1:])
 
 
@@ -255,7 +258,7 @@ def rule_pool(ctx: OpContext) -> None:
         lead = len(out_dims) - n_spatial
         out = list(x[:lead]) + ctx.fresh(out_dims[lead:])
         for a in out[lead:]:
-            ctx.freeze(a, "spatial size follows the input")
+            ctx.freeze(a, SPATIAL)
         outs.append(out)
     ctx.output(outs if isinstance(val, (tuple, list)) else outs[0])
 

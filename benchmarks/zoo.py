@@ -524,7 +524,7 @@ def measure(zoo: str, name: str, subnets: int = SUBNETS, result: Path | None = N
         row.update(round_trip=False, round_trip_error=_error(exc, ist))
 
     rec.stage("mask equivalence")
-    row["mask"], round1 = _mask_equivalence(c, ist, (args, kwargs), key, tolerance)
+    row["mask"] = _mask_equivalence(c, ist, (args, kwargs), key, tolerance)
 
     rec.stage("train")
     try:
@@ -534,7 +534,7 @@ def measure(zoo: str, name: str, subnets: int = SUBNETS, result: Path | None = N
         row.update(train_run=False, train_error=_error(exc, ist))
 
     rec.stage("eval")
-    row.update(_eval_runs(c, ist, (args, kwargs), other, key, tolerance, round1))
+    row.update(_eval_runs(c, ist, (args, kwargs), other, key, tolerance))
 
     if zoo == "hf":
         rec.stage("depth")
@@ -544,16 +544,12 @@ def measure(zoo: str, name: str, subnets: int = SUBNETS, result: Path | None = N
     return row
 
 
-def _mask_equivalence(c, ist, inputs, key, tolerance) -> tuple[dict, Any]:
-    """Subnets of round 1 against the masked full model, training mode (conftest.check_forward_equivalence).
-
-    Returns the row's entry and the round's (subnets, slices), for the evaluation-mode comparison.
-    """
+def _mask_equivalence(c, ist, inputs, key, tolerance) -> dict:
+    """Subnets of round 1 against the masked full model, training mode (conftest.check_forward_equivalence)."""
     out: dict[str, Any] = {"checked": bool(ist.plan.split)}
     if not ist.plan.split:
         out["note"] = "nothing split"
-        return out, None
-    subnets = None
+        return out
     try:
         subnets = ist.decompose(1)
         slices = ist.slices(1)
@@ -564,15 +560,15 @@ def _mask_equivalence(c, ist, inputs, key, tolerance) -> tuple[dict, Any]:
             err, mag, good, problem = _compare(actual, expected, tolerance)
             if problem:
                 out.update(ok=False, error=f"subnet {s}: {problem}")
-                return out, (subnets, slices)
+                return out
             worst, scale, ok = max(worst, err), max(scale, mag), ok and good
         out.update(ok=ok, max_error=worst, max_output=scale)
     except Exception as exc:
         out.update(ok=False, **_error(exc, ist))
-    return out, ((subnets, slices) if subnets is not None else None)
+    return out
 
 
-def _eval_runs(c, ist, inputs, other, key, tolerance, round1) -> dict:
+def _eval_runs(c, ist, inputs, other, key, tolerance) -> dict:
     """Every subnet in evaluation mode on another batch size; subnet 0 against the masked model in eval mode."""
     out: dict[str, Any] = {}
     try:
@@ -597,7 +593,8 @@ def _eval_runs(c, ist, inputs, other, key, tolerance, round1) -> dict:
     if not ist.plan.split:
         return out
     try:
-        subnets, slices = round1 or (ist.decompose(1), ist.slices(1))  # untrained: still round 1's state
+        # Fresh subnets: the training-mode calls above moved their BatchNorm running statistics.
+        subnets, slices = ist.decompose(1), ist.slices(1)
         with torch.no_grad():
             expected = c.pick(c.call(c.masked_model(ist, slices, 0).eval(), inputs), key)
             actual = c.pick(c.call(subnets[0].eval(), inputs), key)

@@ -119,7 +119,7 @@ def why(row: dict) -> str:
         if shared:
             parts.append("shared: " + "; ".join(shared))
         em = row.get("eval_mask")
-        if em and not em.get("ok"):
+        if em and em.get("ok") is False:
             parts.append(f"eval mode != masked model in eval mode ({_fmt_err(em.get('max_error'))}"
                          + (f"; {em['error']}" if em.get("error") else "") + ")")
     if row.get("exported") is False:
@@ -159,7 +159,12 @@ def table(rows: list[dict], hf: bool) -> list[str]:
         else:
             mask_text = _fmt_err(mask.get("max_error")) + ("" if mask.get("ok") else " **(fails)**")
         em = r.get("eval_mask")
-        eval_mask = "-" if not em else ("yes" if em.get("ok") else f"**no** ({_fmt_err(em.get('max_error'))})")
+        if not em:
+            eval_mask = "-"
+        elif em.get("ok") is None:
+            eval_mask = "n/a (see JSON)"
+        else:
+            eval_mask = "yes" if em.get("ok") else f"**no** ({_fmt_err(em.get('max_error'))})"
         largest = f"{r['largest_subnet']:.3f}" if r.get("largest_subnet") is not None else "-"
         name = r.get("model", r["name"])
         if hf:
@@ -340,7 +345,9 @@ def markdown(data: dict) -> str:
         "- **train / eval**: every subnet runs on a batch of 3 (the example batch is 2) in training mode "
         "(`check_interface`) and after `subnet.eval()`, with the model's output structure and shapes and "
         "finite values. **eval = masked**: subnet 0 in evaluation mode against the masked model in evaluation "
-        "mode (BatchNorm running statistics, no dropout).",
+        "mode (BatchNorm running statistics, no dropout); `n/a` where a row was measured before a34ede5, "
+        "whose comparison used subnets whose BatchNorm statistics the training-mode calls had moved (only "
+        "its failures are withdrawn).",
         "- **largest subnet**: parameters of the largest subnet / the model's (1/S + what is shared; 1.0 "
         "when nothing is split).",
         "- Dropout and stochastic depth are set to 0 (as the Hugging Face configs' dropout), so training-mode "

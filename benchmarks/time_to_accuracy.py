@@ -59,7 +59,9 @@ TARGETS = {"mlp": [0.90, 0.94, 0.96], "gpt": [2.8, 2.6, 2.4, 2.2]}
 TITLES = {"mlp": "Wide MLP (4096 hidden) on augmented digits", "gpt": "Byte-level GPT on pydoc_data.topics"}
 _PORTS = itertools.count(29500)  # a fresh rendezvous port per launch: no TIME_WAIT clashes
 _TASK_FLAGS = ("model", "local_steps", "warmup_steps", "batch_size", "lr", "momentum", "hidden", "copies",
-               "block_size", "n_layer", "n_head", "n_embd", "seed", "budget", "points", "max_steps", "timeout")
+               "block_size", "n_layer", "n_head", "n_embd", "outer_lr", "outer_momentum", "seed", "budget", "points",
+               "max_steps", "timeout")
+LIGHTHOUSE = shutil.which("torchft_lighthouse") or str(Path(sys.executable).with_name("torchft_lighthouse"))
 
 
 def _task_argv(args: argparse.Namespace) -> list[str]:
@@ -109,10 +111,19 @@ def run_method(net: netem.EmulatedNetwork, method: str, workers: int, args: argp
     run_id = uuid.uuid4().hex[:12]
     before = net.port_counters()
     procs, logs = [], []
+    lighthouse = None
+    if method == "diloco":  # torchft's lighthouse, in rank 0's namespace, as a DiLoCo job runs it
+        log = open(out / "lighthouse.log", "w")
+        logs.append(log)
+        lighthouse = net.popen(0, [LIGHTHOUSE, "--min_replicas", str(workers), "--bind", f"0.0.0.0:{port + 1000}",
+                                   "--join_timeout_ms", "60000", "--quorum_tick_ms", "10"],
+                               stdout=log, stderr=subprocess.STDOUT)
     for rank in range(workers):
         env = dict(os.environ)
         env.update(rank_env(rank, workers, port, master_addr=net.address(0), threads=1, run_id=run_id))
-        env.update({"GLOO_SOCKET_IFNAME": net.iface, "TORCH_CPP_LOG_LEVEL": "ERROR", "PYTHONUNBUFFERED": "1"})
+        env.update({"GLOO_SOCKET_IFNAME": net.iface, "TORCH_CPP_LOG_LEVEL": "ERROR", "PYTHONUNBUFFERED": "1",
+                    "ISTFX_TTA_ADDR": net.address(rank), "ISTFX_TTA_FT_PORT": str(port + 2000),
+                    "TORCHFT_LIGHTHOUSE": f"http://{net.address(0)}:{port + 1000}", "RUST_LOG": "error"})
         log = open(out / f"rank{rank}.log", "w")
         logs.append(log)
         procs.append(net.popen(rank, [sys.executable, str(HERE / "tta_worker.py"), "--method", method,
@@ -135,6 +146,9 @@ def run_method(net: netem.EmulatedNetwork, method: str, workers: int, args: argp
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
+        if lighthouse is not None and lighthouse.poll() is None:
+            lighthouse.terminate()
+            lighthouse.wait(timeout=10)
         for log in logs:
             log.close()
     after = net.port_counters()

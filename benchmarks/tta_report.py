@@ -15,7 +15,8 @@ from pathlib import Path
 
 __all__ = ["LABELS", "at", "compare", "crossing", "markdown", "plot", "reach", "series", "speedups"]
 
-LABELS = {"ddp": "DDP", "localsgd": "local SGD", "ist-ps": "IST ps", "ist-sharded": "IST sharded"}
+LABELS = {"ddp": "DDP", "localsgd": "local SGD", "diloco": "DiLoCo (torchft)", "ist-ps": "IST ps",
+          "ist-sharded": "IST sharded"}
 MB = 1e6
 
 

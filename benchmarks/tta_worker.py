@@ -50,7 +50,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import tta_tasks  # noqa: E402
 
-METHODS = ("ddp", "localsgd", "ist-ps", "ist-sharded")
+METHODS = ("ddp", "localsgd", "diloco", "ist-ps", "ist-sharded")
 
 
 def link_counters(iface: str | None) -> tuple[int, int] | None:
@@ -215,12 +215,86 @@ class IST:
         self.backend.close()
 
 
+class DiLoCo:
+    """torchft's DiLoCo, used as its users do: a Manager per replica, a lighthouse, ``DiLoCo(...)``.
+
+    Every worker is a replica group of one rank: it hosts its group's
+    ``TCPStore`` on its own address, its ``Manager`` joins the quorum through
+    the ``torchft_lighthouse`` that the driver runs in rank 0's namespace,
+    and every ``--local-steps`` inner steps ``torchft.local_sgd.DiLoCo``
+    all-reduces the pseudo-gradients (torchft's gloo process group over the
+    same links) and takes the outer Nesterov step.
+    """
+
+    def __init__(self, task: tta_tasks.Task, args: argparse.Namespace, rank: int, world: int) -> None:
+        from torch.distributed import TCPStore
+        from torchft import Manager, ProcessGroupGloo
+        from torchft.local_sgd import DiLoCo as TorchftDiLoCo
+
+        host = os.environ["ISTFX_TTA_ADDR"]
+        lighthouse = os.environ["TORCHFT_LIGHTHOUSE"]
+        base = int(os.environ["ISTFX_TTA_FT_PORT"])
+        self.model = task.model
+        self.inner = task.optimizer(list(self.model.parameters()))
+        self.outer = torch.optim.SGD(self.model.parameters(), lr=args.outer_lr, momentum=args.outer_momentum,
+                                     nesterov=True)
+        timeout = datetime.timedelta(seconds=args.timeout)
+        # The replica group's store (one rank per group: this process hosts it).
+        self.store = TCPStore(host, base + 1 + rank, is_master=True, wait_for_workers=False)
+
+        def state_dict() -> dict:
+            return {"model": self.model.state_dict(), "inner_optim": self.inner.state_dict()}
+
+        def load_state_dict(state: dict) -> None:
+            self.model.load_state_dict(state["model"])
+            self.inner.load_state_dict(state["inner_optim"])
+
+        self.manager = Manager(
+            pg=ProcessGroupGloo(timeout=timeout), min_replica_size=world, use_async_quorum=False,
+            load_state_dict=load_state_dict, state_dict=state_dict, replica_id=f"tta{rank}",
+            store_addr=host, store_port=base + 1 + rank, rank=0, world_size=1, lighthouse_addr=lighthouse,
+            hostname=host, port=base + 100 + rank, timeout=timeout, quorum_timeout=timeout,
+            connect_timeout=timeout,
+            init_sync=False,  # every replica starts from the same seeded weights
+        )
+        self.diloco = TorchftDiLoCo(self.manager, [self.model], self.inner, self.outer,
+                                    sync_every=args.local_steps, backup_device=torch.device("cpu"),
+                                    pin_memory=False)
+        self.diloco.__enter__()
+        self.loop = _Steps(task, rank, world)
+        self.world, self.period = world, args.local_steps
+        self.parameter_bytes = _parameter_bytes(task.model)
+        self.app_sent = 0.0
+
+    def chunk(self, steps: int) -> None:
+        from istfx.runtime import comm
+
+        self.loop.run(self.model, self.inner, steps)  # the inner optimizer's hook syncs every period
+        self.app_sent += comm.local_sgd_bytes(self.parameter_bytes, self.world, steps // self.period)
+
+    def scored_model(self):
+        return contextlib.nullcontext(self.model)
+
+    def describe(self) -> dict:
+        return {"parameter_bytes": self.parameter_bytes, "period": self.period,
+                "outer": f"SGD lr {self.outer.defaults['lr']} momentum {self.outer.defaults['momentum']} nesterov",
+                "bytes_by": "ring all-reduce of the pseudo-gradients per period"}
+
+    def close(self) -> None:
+        self.diloco.__exit__(None, None, None)
+        self.manager.shutdown(wait=False)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def make_method(name: str, task: tta_tasks.Task, args: argparse.Namespace, rank: int, world: int):
     """The method object for `name` (one of :data:`METHODS`)."""
     if name == "ddp":
         return DDP(task, args, rank, world)
     if name == "localsgd":
         return LocalSGD(task, args, rank, world)
+    if name == "diloco":
+        return DiLoCo(task, args, rank, world)
     if name in ("ist-ps", "ist-sharded"):
         return IST(task, args, rank, world, name.split("-", 1)[1])
     raise SystemExit(f"unknown method {name!r}: use one of {', '.join(METHODS)}")
@@ -314,6 +388,8 @@ def add_task_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n-layer", type=int, default=4)
     parser.add_argument("--n-head", type=int, default=8)
     parser.add_argument("--n-embd", type=int, default=128)
+    parser.add_argument("--outer-lr", type=float, default=0.7, help="DiLoCo (and IST's outer step): outer lr")
+    parser.add_argument("--outer-momentum", type=float, default=0.9, help="DiLoCo / IST outer Nesterov momentum")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--budget", type=float, default=120.0, help="training seconds (rank 0's clock)")
     parser.add_argument("--points", type=int, default=30, help="evaluations spread over the budget")

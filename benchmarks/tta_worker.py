@@ -50,7 +50,12 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import tta_tasks  # noqa: E402
 
-METHODS = ("ddp", "localsgd", "diloco", "ist-ps", "ist-sharded")
+IST_VARIANTS = {  # method -> (topology, optimizer state, outer step)
+    "ist-ps": ("ps", "reset", False), "ist-ps-carry": ("ps", "carry", False), "ist-ps-outer": ("ps", "carry", True),
+    "ist-sharded": ("sharded", "reset", False), "ist-sharded-carry": ("sharded", "carry", False),
+    "ist-sharded-outer": ("sharded", "carry", True),
+}
+METHODS = ("ddp", "localsgd", "diloco", *IST_VARIANTS)
 
 
 def link_counters(iface: str | None) -> tuple[int, int] | None:
@@ -64,6 +69,18 @@ def link_counters(iface: str | None) -> tuple[int, int] | None:
                 fields = rest.split()
                 return int(fields[0]), int(fields[8])
     raise RuntimeError(f"interface {iface!r} not found in /proc/self/net/dev")
+
+
+def _status_mb(field: str) -> float | None:
+    """A memory field of /proc/self/status (``VmRSS``, ``VmHWM``) in MB, or None where there is none."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024 / 1e6
+    except OSError:
+        return None
+    return None
 
 
 def _parameter_bytes(model: torch.nn.Module) -> int:
@@ -162,23 +179,37 @@ class LocalSGD:
 
 
 class IST:
-    """istfx IST on ``TorchDistBackend``: one subnet per rank, `steps` local steps per round."""
+    """istfx IST on the torch backend: one subnet per rank, `steps` local steps per round.
+
+    ``state``: ``"reset"`` (a fresh optimizer per subnet per round) or
+    ``"carry"`` (momentum / Adam moments travel with their units); ``outer``:
+    DiLoCo's Nesterov step on each round's change (``--outer-lr``,
+    ``--outer-momentum``), else the plain write-back.
+    """
 
     def __init__(self, task: tta_tasks.Task, args: argparse.Namespace, rank: int, world: int,
-                 topology: str) -> None:
+                 topology: str, state: str = "reset", outer: bool = False) -> None:
         import istfx
         from istfx.backends import SubnetResult
         from istfx.backends.torch_dist import TorchDistBackend
+        from istfx.runtime import optim_state
 
         self.ist = istfx.compile(task.model, subnets=world, example_inputs=task.example_inputs, seed=args.seed)
-        self.backend = TorchDistBackend(topology, timeout=args.timeout)
+        self.backend = TorchDistBackend(topology, timeout=args.timeout, optimizer_state=state,
+                                        outer_lr=args.outer_lr if outer else 1.0,
+                                        outer_momentum=args.outer_momentum if outer else 0.0)
         self.backend.prepare(self.ist, 0)
         self.round, self.rank = 0, rank
         self.app_sent = 0.0
+        self.state, self.outer = state, outer
         batches = task.batches(rank, world)
 
         def train(index: int, subnet: torch.nn.Module) -> SubnetResult:
-            optimizer = task.optimizer([p for p in subnet.parameters() if p.requires_grad])
+            named = {n: p for n, p in subnet.named_parameters() if p.requires_grad}
+            optimizer = task.optimizer(list(named.values()))
+            carried = optim_state.attached(subnet)
+            if carried:
+                optim_state.load_into(optimizer, named, carried)
             loss_sum, samples = 0.0, 0
             for _ in range(self.steps):
                 x, y = next(batches)
@@ -188,7 +219,8 @@ class IST:
                 optimizer.step()
                 loss_sum += float(loss.detach()) * task.samples_per_batch
                 samples += task.samples_per_batch
-            return SubnetResult(samples=samples, loss_sum=loss_sum, correct=None, steps=self.steps)
+            return SubnetResult(samples=samples, loss_sum=loss_sum, correct=None, steps=self.steps,
+                                optimizer_state=optim_state.extract(optimizer, named) if state == "carry" else None)
 
         self.train = train
         self.steps = args.local_steps
@@ -208,8 +240,8 @@ class IST:
 
     def describe(self) -> dict:
         return {"topology": self.backend.topology, "parameters_full": self.plan.parameters_full,
-                "parameters_per_subnet": list(self.plan.parameters_per_subnet),
-                "bytes_by": "the backend's own count of the slices it sent"}
+                "parameters_per_subnet": list(self.plan.parameters_per_subnet), "optimizer_state": self.state,
+                "outer": self.outer, "bytes_by": "the backend's own count of the slices (and state) it sent"}
 
     def close(self) -> None:
         self.backend.close()
@@ -295,8 +327,9 @@ def make_method(name: str, task: tta_tasks.Task, args: argparse.Namespace, rank:
         return LocalSGD(task, args, rank, world)
     if name == "diloco":
         return DiLoCo(task, args, rank, world)
-    if name in ("ist-ps", "ist-sharded"):
-        return IST(task, args, rank, world, name.split("-", 1)[1])
+    if name in IST_VARIANTS:
+        topology, state, outer = IST_VARIANTS[name]
+        return IST(task, args, rank, world, topology, state, outer)
     raise SystemExit(f"unknown method {name!r}: use one of {', '.join(METHODS)}")
 
 
@@ -309,6 +342,7 @@ def run(args: argparse.Namespace) -> dict:
     rank, world = dist.get_rank(), dist.get_world_size()
     iface = os.environ.get("GLOO_SOCKET_IFNAME")
     task = tta_tasks.build(args)
+    rss_base = _status_mb("VmRSS")  # interpreter, torch, data and the model as built: the same for every method
     method = make_method(args.method, task, args, rank, world)
     dist.barrier()
     setup_seconds = time.perf_counter() - wall_start
@@ -363,6 +397,7 @@ def run(args: argparse.Namespace) -> dict:
         "rank": rank, "world": world, "method": args.method, "iface": iface, "points": points,
         "setup_seconds": setup_seconds, "eval_seconds": eval_seconds,
         "wall_seconds": time.perf_counter() - wall_start, "method_info": method.describe(),
+        "rss_base_mb": rss_base, "rss_peak_mb": _status_mb("VmHWM"),
         "task_info": task.info if rank == 0 else None,
     }
     if hasattr(method, "close"):

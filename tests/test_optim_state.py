@@ -202,3 +202,37 @@ def test_betas_flag_refuses_one_number():
     with pytest.raises(SystemExit):
         parser.parse_args(["--betas", "0.9"])
     assert math.isclose(parser.parse_args(["--betas", "0.8 0.9"]).betas[1], 0.9)
+
+
+def test_step_control_schedules_and_clips_like_a_plain_loop():
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3).double()
+    twin = nn.Linear(4, 3).double()
+    twin.load_state_dict(model.state_dict())
+    schedule = optimizers.TrainingRecipe(warmup_steps=2, lr_schedule="cosine").schedule(total_steps=6)
+    control = optimizers.StepControl(schedule, clip_grad_norm=0.5)
+    opt = torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.9)
+    ref = torch.optim.SGD(twin.parameters(), lr=0.3, momentum=0.9)
+
+    class Plain:
+        def __init__(self, optimizer):
+            self.optimizer = optimizer
+
+        def step(self):
+            self.optimizer.step()
+
+    stepper = control.wrap(Plain(opt), opt, first_step=2)
+    for step in range(2, 5):
+        x = torch.randn(5, 4, dtype=torch.float64)
+        for m, o in ((model, opt), (twin, ref)):
+            o.zero_grad()
+            (m(x) ** 2).sum().backward()
+        stepper.step()
+        for group in ref.param_groups:
+            group["lr"] = 0.3 * optimizers.lr_factor(step, 2, "cosine", 6)
+        torch.nn.utils.clip_grad_norm_(list(twin.parameters()), 0.5)
+        ref.step()
+        assert opt.param_groups[0]["lr"] == ref.param_groups[0]["lr"]
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(a, b)
+    assert optimizers.StepControl().wrap(stepper, opt, 0) is stepper

@@ -34,7 +34,7 @@ from istfx.errors import ISTError
 from istfx.runtime.optim_state import MODES, check_mode
 from istfx.runtime.outer import OuterStep
 
-__all__ = ["OPTIMIZERS", "SCHEDULES", "TrainingRecipe", "add_arguments", "from_args", "lr_factor"]
+__all__ = ["OPTIMIZERS", "SCHEDULES", "StepControl", "TrainingRecipe", "add_arguments", "argv", "from_args", "lr_factor"]
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("constant", "cosine")
@@ -224,3 +224,58 @@ def argv(recipe: TrainingRecipe) -> list[str]:
     if recipe.clip_grad_norm is not None:
         out += ["--clip-grad-norm", repr(recipe.clip_grad_norm)]
     return out
+
+
+# -- around each optimizer step ------------------------------------------------------------------------
+class StepControl:
+    """The learning-rate schedule and gradient clipping, applied before each optimizer step.
+
+    Args:
+        schedule: ``step -> lr multiplier`` (counted over the whole run, per
+            worker), or None for a constant learning rate.
+        clip_grad_norm: clip the gradient of the optimizer's parameters to
+            this L2 norm before each step, or None.
+
+    :meth:`wrap` puts it around any stepper (``forward``/``backward``/``step``/...),
+    so every backend's way of stepping gets the same schedule and clipping.
+    """
+
+    def __init__(self, schedule: Callable[[int], float] | None = None, clip_grad_norm: float | None = None) -> None:
+        self.schedule, self.clip_grad_norm = schedule, clip_grad_norm
+
+    @property
+    def active(self) -> bool:
+        return self.schedule is not None or self.clip_grad_norm is not None
+
+    def before_step(self, optimizer: torch.optim.Optimizer, step: int) -> None:
+        """Set every group's lr for global step `step` (from the lr it was built with); clip the gradients."""
+        if self.schedule is not None:
+            factor = self.schedule(step)
+            for group in optimizer.param_groups:
+                base = group.setdefault("istfx_peak_lr", group["lr"])
+                group["lr"] = base * factor
+        if self.clip_grad_norm is not None:
+            params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            if params:
+                torch.nn.utils.clip_grad_norm_(params, self.clip_grad_norm)
+
+    def wrap(self, stepper: Any, optimizer: torch.optim.Optimizer, first_step: int) -> Any:
+        """`stepper` with :meth:`before_step` before each of its steps, counting from `first_step`."""
+        if not self.active:
+            return stepper
+        return _ControlledStepper(stepper, optimizer, self, first_step)
+
+
+class _ControlledStepper:
+    """A stepper whose ``step()`` first applies a :class:`StepControl`; everything else is passed through."""
+
+    def __init__(self, inner: Any, optimizer: torch.optim.Optimizer, control: StepControl, first_step: int) -> None:
+        self.inner, self.optimizer, self.control, self.next_step = inner, optimizer, control, first_step
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def step(self) -> None:
+        self.control.before_step(self.optimizer, self.next_step)
+        self.next_step += 1
+        self.inner.step()

@@ -51,6 +51,7 @@ __all__ = [
     "flatten",
     "load_into",
     "state_nbytes",
+    "trained_names",
     "unflatten",
 ]
 
@@ -80,6 +81,11 @@ def attach(subnet: nn.Module, state: StateDict | None) -> None:
 def attached(subnet: nn.Module) -> StateDict | None:
     """The state :func:`attach` gave `subnet`, or None."""
     return getattr(subnet, _ATTR, None)
+
+
+def trained_names(subnet: nn.Module) -> list[str]:
+    """Names (as captured) of the parameters `subnet` trains, tied ones under every name."""
+    return [n for n, p in subnet.named_parameters(remove_duplicate=False) if p.requires_grad]
 
 
 def load_into(optimizer: torch.optim.Optimizer, parameters: Mapping[str, nn.Parameter], state: StateDict) -> None:

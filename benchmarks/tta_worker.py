@@ -193,11 +193,12 @@ class IST:
         from istfx.backends import SubnetResult
         from istfx.backends.torch_dist import TorchDistBackend
         from istfx.runtime import optim_state
+        from istfx.runtime.state_travel import StateConfig
 
         self.ist = istfx.compile(task.model, subnets=world, example_inputs=task.example_inputs, seed=args.seed)
-        self.backend = TorchDistBackend(topology, timeout=args.timeout, optimizer_state=state,
-                                        outer_lr=args.outer_lr if outer else 1.0,
-                                        outer_momentum=args.outer_momentum if outer else 0.0)
+        self.backend = TorchDistBackend(topology, timeout=args.timeout)
+        self.backend.configure_state(StateConfig(state, args.outer_lr if outer else 1.0,
+                                                 args.outer_momentum if outer else 0.0))
         self.backend.prepare(self.ist, 0)
         self.round, self.rank = 0, rank
         self.app_sent = 0.0

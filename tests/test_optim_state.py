@@ -236,3 +236,23 @@ def test_step_control_schedules_and_clips_like_a_plain_loop():
     for a, b in zip(model.parameters(), twin.parameters()):
         assert torch.equal(a, b)
     assert optimizers.StepControl().wrap(stepper, opt, 0) is stepper
+
+
+@pytest.mark.parametrize("compress", [None, "int8"])
+def test_packed_state_round_trips_and_quantizes_only_the_shaped_tensors(compress):
+    torch.manual_seed(0)
+    state = {"w": {"exp_avg": torch.randn(6, 5), "exp_avg_sq": torch.rand(6, 5), "step": torch.tensor(12.0)},
+             "b": {"momentum_buffer": torch.randn(6)}}
+    buffer, layout_nbytes = optim_state.pack_state(state, compress=compress)
+    assert buffer.dtype == torch.uint8 and 0 < layout_nbytes < buffer.numel()
+    again = optim_state.unpack_state(buffer, layout_nbytes, compress)
+    assert float(again["w"]["step"]) == 12.0  # scalars exact whatever the compression
+    for name, entry in state.items():
+        for key, value in entry.items():
+            if compress is None:
+                assert torch.equal(again[name][key], value)
+            else:
+                assert torch.allclose(again[name][key], value, atol=float(value.abs().max()) / 100)
+    if compress:
+        raw, _ = optim_state.pack_state(state)
+        assert buffer.numel() < raw.numel()

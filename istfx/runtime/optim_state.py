@@ -50,9 +50,11 @@ __all__ = [
     "extract",
     "flatten",
     "load_into",
+    "pack_state",
     "state_nbytes",
     "trained_names",
     "unflatten",
+    "unpack_state",
 ]
 
 StateDict = dict[str, dict[str, Any]]
@@ -115,7 +117,8 @@ def extract(optimizer: torch.optim.Optimizer, parameters: Mapping[str, nn.Parame
     for name, param in parameters.items():
         entry = optimizer.state.get(param)
         if entry:
-            out[name] = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in entry.items()}
+            out[name] = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in entry.items()
+                         if v is not None}
     return out
 
 
@@ -181,6 +184,46 @@ def decode_layout(data: torch.Tensor) -> Layout:
     if data.numel() == 0:
         return []
     return [(n, k, tuple(s), d) for n, k, s, d in json.loads(bytes(data.cpu().tolist()).decode())]
+
+
+def pack_state(state: StateDict, names: Sequence[str] | None = None, compress: str | None = None,
+               device: torch.device | str | None = None) -> tuple[torch.Tensor, int]:
+    """`state` as one uint8 buffer to send, and the length of the layout at its front.
+
+    The buffer is the layout (:func:`encode_layout`), then the tensors
+    shaped like their parameter (quantized with `compress`, as the
+    parameters are), then the scalars (never quantized: step counts stay exact).
+    """
+    from istfx.runtime import comm
+
+    layout, tensors = flatten(state, names)
+    shaped = [t for t in tensors if t.dim() > 0]
+    scalars = [t for t in tensors if t.dim() == 0]
+    head = encode_layout(layout)
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    body = [head.to(device)]
+    if shaped:
+        body.append(comm.pack(shaped, compress, device=device))
+    if scalars:
+        body.append(comm.pack(scalars, None, device=device))
+    return torch.cat(body) if len(body) > 1 else body[0], head.numel()
+
+
+def unpack_state(buffer: torch.Tensor, layout_nbytes: int, compress: str | None = None) -> StateDict:
+    """The state :func:`pack_state` put in `buffer` (tensors on the buffer's device)."""
+    from istfx.runtime import comm
+
+    layout = decode_layout(buffer[:layout_nbytes])
+    specs = [comm.Spec(shape, dtype) for shape, dtype in layout_specs(layout)]
+    shaped = [sp for sp in specs if len(sp.shape) > 0]
+    scalars = [sp for sp in specs if len(sp.shape) == 0]
+    offset = layout_nbytes
+    size = comm.packed_nbytes(shaped, compress)
+    shaped_values = iter(comm.unpack(buffer[offset:offset + size], shaped, compress) if shaped else [])
+    offset += size
+    scalar_values = iter(comm.unpack(buffer[offset:], scalars, None) if scalars else [])
+    values = [next(shaped_values) if len(sp.shape) > 0 else next(scalar_values) for sp in specs]
+    return unflatten(layout, values)
 
 
 # -- full-size state in one process ---------------------------------------------------------------

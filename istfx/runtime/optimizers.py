@@ -267,15 +267,28 @@ class StepControl:
 
 
 class _ControlledStepper:
-    """A stepper whose ``step()`` first applies a :class:`StepControl`; everything else is passed through."""
+    """A stepper whose optimizer steps are preceded by a :class:`StepControl`; everything else is passed through.
+
+    A stepper that steps its optimizer somewhere other than in ``step()``
+    (an engine stepping at its accumulation boundary inside ``backward``)
+    declares a ``before_step`` attribute; it is set to a callback it must call
+    right before each optimizer step. Otherwise the control runs in ``step()``.
+    """
 
     def __init__(self, inner: Any, optimizer: torch.optim.Optimizer, control: StepControl, first_step: int) -> None:
         self.inner, self.optimizer, self.control, self.next_step = inner, optimizer, control, first_step
+        self.hooked = hasattr(inner, "before_step")
+        if self.hooked:
+            inner.before_step = self._before
+
+    def _before(self) -> None:
+        self.control.before_step(self.optimizer, self.next_step)
+        self.next_step += 1
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
     def step(self) -> None:
-        self.control.before_step(self.optimizer, self.next_step)
-        self.next_step += 1
+        if not self.hooked:
+            self._before()
         self.inner.step()

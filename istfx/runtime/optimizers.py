@@ -256,8 +256,11 @@ class StepControl:
                 group["lr"] = base * factor
         if self.clip_grad_norm is not None:
             params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-            if params:
-                torch.nn.utils.clip_grad_norm_(params, self.clip_grad_norm)
+            if not params and any(p.requires_grad for group in optimizer.param_groups for p in group["params"]):
+                raise ISTError("clip_grad_norm: no parameter holds its gradient at the optimizer step (an engine "
+                               "keeping gradients in partitions, such as DeepSpeed ZeRO 1 or 2?): use ZeRO 0, "
+                               "or the engine's own clipping.")
+            torch.nn.utils.clip_grad_norm_(params, self.clip_grad_norm)
 
     def wrap(self, stepper: Any, optimizer: torch.optim.Optimizer, first_step: int) -> Any:
         """`stepper` with :meth:`before_step` before each of its steps, counting from `first_step`."""

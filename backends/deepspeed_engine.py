@@ -45,13 +45,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from istfx.runtime import checkpoint as ckpt
-from istfx.runtime import comm
 from istfx.core.compiler import ISTModel, ReassembleReport
 from istfx.errors import ISTError
+from istfx.runtime import checkpoint as ckpt
+from istfx.runtime import comm
+from istfx.runtime.optim_state import attach, pack_state, trained_names, unpack_state
+from istfx.runtime.state_travel import CentralState, StateConfig
+from istfx.runtime.backend_api import RoundResult, SubnetResult, TrainSubnet, call_model, model_device
 
-from . import RoundResult, SubnetResult, TrainSubnet, model_device
-from .torch_dist import TorchDistBackend, _state, peak_rss_mb, release_model, rss_mb
+from .memory import peak_rss_mb, rss_mb
+from .model_storage import release_model, state_of
+from .torch_base import TorchDistBackend
 
 __all__ = ["DeepSpeedBackend", "PRECISIONS"]
 
@@ -105,18 +109,18 @@ class _GroupTopology:
 
 
 class _EngineStep:
-    """One subnet's training through a DeepSpeed engine (the ``OptimizerStep`` interface)."""
+    """One subnet's training through a DeepSpeed engine (a :class:`~istfx.runtime.backend_api.SubnetStepper`)."""
 
     def __init__(self, backend: DeepSpeedBackend, subnet: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         deepspeed = _deepspeed()
         self.subnet = subnet
         self.data_parallel = backend.data_parallel
         self.dp_rank = backend.rank % backend.data_parallel
-        self.draws = backend.draws_per_step
         self.dtypes = {id(t): t.dtype for t in [*subnet.parameters(), *subnet.buffers()]}
         self.engine, *_ = deepspeed.initialize(model=subnet, optimizer=optimizer, config=backend.engine_config(),
                                                mpu=backend.topology_unit)
         self.low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(backend.precision)
+        self.before_step = None  # set by a step control (lr schedule, clipping): runs right before each step
 
     def computes(self, draw: int) -> bool:
         return draw % self.data_parallel == self.dp_rank
@@ -131,14 +135,14 @@ class _EngineStep:
         return value
 
     def forward(self, inputs: Any) -> Any:
-        from istfx.runtime.training import _call
-
         if self.low is not None:  # the engine holds low-precision weights; the loss is taken in fp32
-            return self._cast(_call(self.engine, self._cast(inputs, self.low)), torch.float32)
-        return _call(self.engine, inputs)
+            return self._cast(call_model(self.engine, self._cast(inputs, self.low)), torch.float32)
+        return call_model(self.engine, inputs)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)
+        if self.before_step is not None and self.engine.is_gradient_accumulation_boundary():
+            self.before_step()
         self.engine.step()  # steps the optimizer only at the accumulation boundary
 
     def step(self) -> None:
@@ -163,20 +167,6 @@ class _EngineStep:
         self.engine = None
 
 
-class _Engines:
-    """``backend.stepper``: builds a subnet's engine; ``draws`` is read before any exists."""
-
-    def __init__(self, backend: DeepSpeedBackend) -> None:
-        self.backend = backend
-
-    @property
-    def draws(self) -> int:
-        return self.backend.draws_per_step
-
-    def __call__(self, subnet: nn.Module, optimizer: torch.optim.Optimizer) -> _EngineStep:
-        return _EngineStep(self.backend, subnet, optimizer)
-
-
 class DeepSpeedBackend(TorchDistBackend):
     """IST rounds whose subnets train under DeepSpeed engines (see the module docstring).
 
@@ -193,6 +183,7 @@ class DeepSpeedBackend(TorchDistBackend):
     """
 
     name = "deepspeed"
+    topology = "ps"  # rank 0 holds the full model
 
     def __init__(
         self,
@@ -205,7 +196,7 @@ class DeepSpeedBackend(TorchDistBackend):
         timeout: float = 1800.0,
         init_from: str | os.PathLike | None = None,
     ) -> None:
-        super().__init__("ps", timeout=timeout, init_from=init_from, heartbeat_timeout=None)
+        super().__init__(timeout=timeout, init_from=init_from)
         for label, value, low in (("data_parallel", data_parallel, 1), ("gradient_accumulation",
                                                                          gradient_accumulation, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -223,7 +214,17 @@ class DeepSpeedBackend(TorchDistBackend):
         self.gradient_accumulation = gradient_accumulation
         self.precision = precision
         self.extra_config = dict(config or {})
-        self.stepper = _Engines(self)
+
+    def configure_state(self, config: StateConfig) -> None:
+        """Carry optimizer state / take the outer step. Rank 0 keeps the full state and the outer momentum,
+        and ships each group its state slice with its parameters; ZeRO 0 only (stages 1 and 2 keep the
+        state in the engine's own partitions)."""
+        if config.carry and self.zero_stage != 0:
+            raise ISTError(f"optimizer_state='carry' with DeepSpeed needs ZeRO stage 0 (got {self.zero_stage}): "
+                           "stages 1 and 2 keep the optimizer state in the engine's partitions. Use "
+                           "--zero-stage 0, or optimizer_state='reset'.")
+        self.state_config = config
+        self._central = None
 
     def __repr__(self) -> str:
         return (f"DeepSpeedBackend(rank={self.rank}/{self.world_size}, data_parallel={self.data_parallel}, "
@@ -238,10 +239,13 @@ class DeepSpeedBackend(TorchDistBackend):
     def slot(self) -> int:
         return self.rank // self.data_parallel
 
-    @property
-    def slots(self) -> list[int]:
+    def trained_slots(self, ist: ISTModel) -> list[int]:
         """The subnet slot this rank's group trains."""
         return [self.slot]
+
+    def make_stepper(self, subnet: nn.Module, optimizer: torch.optim.Optimizer) -> _EngineStep:
+        """The subnet's steps run through a fresh DeepSpeed engine over this rank's group."""
+        return _EngineStep(self, subnet, optimizer)
 
     def engine_config(self) -> dict:
         """The DeepSpeed config of every subnet's engine."""
@@ -261,7 +265,8 @@ class DeepSpeedBackend(TorchDistBackend):
         return config
 
     # -- set-up -------------------------------------------------------------------------
-    def _connect(self) -> None:
+    def connect(self) -> None:
+        """Join the process group through DeepSpeed (``deepspeed.init_distributed``)."""
         deepspeed = _deepspeed()
         import deepspeed.comm as dcomm
 
@@ -275,9 +280,8 @@ class DeepSpeedBackend(TorchDistBackend):
             self.device = torch.device("cpu")
         self.comm_device = self.device
 
-    def _check_world(self, subnets: int) -> None:
-        import deepspeed.comm as dcomm
-
+    def check_world(self, subnets: int) -> None:
+        """The world must be ``subnets x data_parallel`` ranks."""
         D = self.data_parallel
         if self.world_size != subnets * D:
             raise ISTError(
@@ -285,6 +289,12 @@ class DeepSpeedBackend(TorchDistBackend):
                 f"but the world has {self.world_size}. Launch {subnets * D} processes, or set data_parallel "
                 f"(--data-parallel) to world / subnets."
             )
+
+    def create_groups(self, subnets: int) -> None:
+        """One data-parallel group per subnet and one group per rank (DeepSpeed's model-parallel unit)."""
+        import deepspeed.comm as dcomm
+
+        D = self.data_parallel
         # Every rank takes part in creating every group, in the same order.
         groups = [dcomm.new_group(list(range(s * D, (s + 1) * D))) for s in range(subnets)]
         solos = [dcomm.new_group([r]) for r in range(self.world_size)]
@@ -292,37 +302,37 @@ class DeepSpeedBackend(TorchDistBackend):
         self.topology_unit = _GroupTopology(self.rank, D, self.group, solos[self.rank],
                                             list(range(self.slot * D, (self.slot + 1) * D)))
 
-    def _ps_prepare(self, ist: ISTModel, checkpoint: ckpt.Checkpoint | None) -> None:
+    def load_state(self, ist: ISTModel, start_round: int, checkpoint: ckpt.Checkpoint | None) -> None:
+        """Rank 0 holds the full model (as in ``ps``); the other ranks drop theirs."""
         if self.rank == 0:
-            self._load_full_model(ist, checkpoint)
+            self.load_full_model(ist, checkpoint)
         else:
             release_model(ist)
 
     # -- the round ------------------------------------------------------------------------
-    def run_round(self, ist: ISTModel, round: int, train_subnet: TrainSubnet) -> RoundResult:
+    def train_round(self, ist: ISTModel, round: int, train_subnet: TrainSubnet) -> RoundResult:
         """Run `round` on this rank (every rank calls this with the same round)."""
         import deepspeed.comm as dcomm
 
-        if not self._prepared or ist is not self.ist:
-            self.prepare(ist, round)
         start = time.perf_counter()
         S, D, me = ist.plan.subnets, self.data_parallel, self.rank
         slot, leader = self.slot, self.rank % self.data_parallel == 0
         sent = received = 0
         subnets = ist.decompose(round) if me == 0 else None
-        names, specs = self._slot_names(round, slot), self._slot_specs(round, slot)
+        names, specs = self.slot_names(round, slot), self.slot_specs(round, slot)
 
         # Downlink: rank 0 -> every group's leader, then the leader -> its group.
         works = []
         if me == 0:
             for s in range(1, S):
-                state = _state(subnets[s])
-                payload = comm.pack([state[n] for n in self._slot_names(round, s)], device=self.comm_device)
+                state = state_of(subnets[s])
+                payload = comm.pack([state[n] for n in self.slot_names(round, s)], device=self.comm_device)
                 works.append((dcomm.isend(payload, s * D), payload))
                 sent += payload.numel()
+        payload = None  # one subnet on one rank: nothing to send
         if D > 1 or me != 0:
             if me == 0:
-                state = _state(subnets[0])
+                state = state_of(subnets[0])
                 payload = comm.pack([state[n] for n in names], device=self.comm_device)
             else:
                 payload = torch.empty(comm.packed_nbytes(specs), dtype=torch.uint8, device=self.comm_device)
@@ -340,11 +350,21 @@ class DeepSpeedBackend(TorchDistBackend):
         if me == 0:
             subnet = subnets[0]
         else:
-            subnet = self._instantiate(round, slot, dict(zip(names, comm.unpack(payload, specs))))
+            subnet = self.instantiate(round, slot, dict(zip(names, comm.unpack(payload, specs))))
         del payload
+        central, slices = None, None
+        if me == 0 and not self.state_config.plain:
+            if getattr(self, "_central", None) is None:
+                self._central = CentralState(ist, self.state_config)
+            central, slices = self._central, self.round_slices(round)[0]
+            central.begin(ist)
+        if self.state_config.carry:
+            carried, moved = self._state_down(round, central, slices, names)
+            sent, received = sent + moved[0], received + moved[1]
+            attach(subnet, carried)
 
         result = train_subnet(slot, subnet)
-        self._faults.strike(round, subnet)
+        self.after_local_training(round, subnet)
 
         # The group's totals; then uplink: leaders -> rank 0.
         totals = torch.tensor([result.samples, result.loss_sum, -1.0 if result.correct is None else result.correct],
@@ -357,7 +377,7 @@ class DeepSpeedBackend(TorchDistBackend):
         gradient_bytes = self._gradient_bytes(subnet, result.steps)
         rss, peak = rss_mb(), peak_rss_mb()
         if leader and me != 0:
-            state = _state(subnet)
+            state = state_of(subnet)
             update = comm.pack([state[n].detach() for n in names], device=self.comm_device)
             head = torch.tensor([round, samples, loss_sum, correct, result.steps,
                                  -1 if rss is None else rss, -1 if peak is None else peak],
@@ -365,7 +385,14 @@ class DeepSpeedBackend(TorchDistBackend):
             dcomm.send(head, 0)
             dcomm.send(update, 0)
             sent += head.numel() * 8 + update.numel()
-        parameters, sizes = self._slot_sizes(round)
+            if self.state_config.carry:  # the trained optimizer state follows the update
+                back, layout = (pack_state(result.optimizer_state, names, device=self.comm_device)
+                                if result.optimizer_state else (torch.empty(0, dtype=torch.uint8), 0))
+                dcomm.send(torch.tensor([layout, back.numel()], dtype=torch.int64, device=self.comm_device), 0)
+                if back.numel():
+                    dcomm.send(back, 0)
+                sent += 16 + back.numel()
+        parameters, sizes = self.slot_sizes(round)
         extra_base = {"topology": "deepspeed", "data_parallel": D, "zero_stage": self.zero_stage,
                       "precision": self.precision}
         if me != 0:
@@ -377,10 +404,11 @@ class DeepSpeedBackend(TorchDistBackend):
 
         # Rank 0: collect the leaders' updates and reassemble.
         results = {0: group_result}
+        returned = {0: result.optimizer_state}
         leader_memory: dict[int, tuple[float | None, float | None]] = {0: (rss, peak)}
         leader_bytes: dict[int, tuple[float, float]] = {}
         for s in range(1, S):
-            size = comm.packed_nbytes(self._slot_specs(round, s))  # the subnet, down and back up
+            size = comm.packed_nbytes(self.slot_specs(round, s))  # the subnet, down and back up
             head = torch.empty(_HEADER, dtype=torch.float64, device=self.comm_device)
             update = torch.empty(size, dtype=torch.uint8, device=self.comm_device)
             dcomm.recv(head, s * D)
@@ -391,11 +419,23 @@ class DeepSpeedBackend(TorchDistBackend):
                                       correct=None if values[3] < 0 else int(values[3]), steps=int(values[4]))
             leader_memory[s] = (values[5] if values[5] >= 0 else None, values[6] if values[6] >= 0 else None)
             leader_bytes[s] = (head.numel() * 8 + size * D, size)  # uplink + broadcast to D - 1; downlink
-            self._ps_write_back(round, s, subnets[s], update)
+            self.write_update(round, s, subnets[s], update)
+            if self.state_config.carry:
+                sizes_back = torch.zeros(2, dtype=torch.int64, device=self.comm_device)
+                dcomm.recv(sizes_back, s * D)
+                if int(sizes_back[1]):
+                    back = torch.empty(int(sizes_back[1]), dtype=torch.uint8, device=self.comm_device)
+                    dcomm.recv(back, s * D)
+                    returned[s] = unpack_state(back, int(sizes_back[0]))
+                received += 16 + int(sizes_back[1])
         home = model_device(ist.model)
         subnets = [s.to(home) for s in subnets]
         report = ist.reassemble(subnets, weights=[max(results[s].samples, 1) for s in range(S)],
                                 on_nonfinite="skip")
+        if central is not None:
+            central.finish(ist, slices, {s: returned.get(s) for s in report.accepted},
+                           {s: trained_names(subnets[s]) for s in report.accepted},
+                           {s: max(results[s].samples, 1) for s in report.accepted})
         all_results = [results[s] for s in range(S)]
         leader_bytes[0] = (sent, received)
         extra = {
@@ -406,10 +446,55 @@ class DeepSpeedBackend(TorchDistBackend):
             "gradient_bytes_per_rank": gradient_bytes,
             "rss_mb": [leader_memory[s][0] for s in range(S)],
             "rss_peak_mb": [leader_memory[s][1] for s in range(S)],
-            **self._comparison(all_results),
         }
         return RoundResult(round=round, results=all_results, report=report, parameters_per_subnet=parameters,
                            bytes_per_subnet=sizes, seconds=time.perf_counter() - start, extra=extra)
+
+    def _state_down(self, round: int, central: CentralState | None, slices, names: list[str]):
+        """The optimizer state each group starts the round with, as the payload goes: rank 0 -> leaders ->
+        their groups. Returns (this rank's state or None, (bytes sent, bytes received))."""
+        import deepspeed.comm as dcomm
+
+        S, D, me = self.ist.plan.subnets, self.data_parallel, self.rank
+        slot, leader = self.slot, me % D == 0
+        sent = received = 0
+        works = []
+        if me == 0:
+            for s in range(1, S):
+                state = central.for_subnet(slices, s, self.slot_names(round, s))
+                buffer, layout = (pack_state(state, self.slot_names(round, s), device=self.comm_device) if state
+                                  else (torch.empty(0, dtype=torch.uint8), 0))
+                head = torch.tensor([layout, buffer.numel()], dtype=torch.int64, device=self.comm_device)
+                works.append((dcomm.isend(head, s * D), head))
+                if buffer.numel():
+                    works.append((dcomm.isend(buffer, s * D), buffer))
+                sent += 16 + buffer.numel()
+            state = central.for_subnet(slices, 0, names)
+            buffer, layout = (pack_state(state, names, device=self.comm_device) if state
+                              else (torch.empty(0, dtype=torch.uint8), 0))
+            head = torch.tensor([layout, buffer.numel()], dtype=torch.int64, device=self.comm_device)
+        else:
+            head = torch.zeros(2, dtype=torch.int64, device=self.comm_device)
+            if leader:
+                dcomm.recv(head, 0)
+                received += 16
+        if D > 1:
+            dcomm.broadcast(head, src=slot * D, group=self.group)
+        size = int(head[1])
+        if me != 0 and size:
+            buffer = torch.empty(size, dtype=torch.uint8, device=self.comm_device)
+            if leader:
+                dcomm.recv(buffer, 0)
+                received += size
+        if D > 1 and size:
+            dcomm.broadcast(buffer, src=slot * D, group=self.group)
+            if leader:
+                sent += size * (D - 1)
+            else:
+                received += size
+        for work, _ in works:
+            work.wait()
+        return (unpack_state(buffer, int(head[0])) if size else None), (sent, received)
 
     def _gradient_bytes(self, subnet: nn.Module, steps: int) -> float:
         """Bytes one rank moves for its group's gradient averaging over `steps` optimizer steps."""
@@ -433,9 +518,3 @@ class DeepSpeedBackend(TorchDistBackend):
             ckpt.write_manifest(root, round, {**manifest, "format": ckpt.FULL, "world_size": self.world_size,
                                               "data_parallel": self.data_parallel}, keep)
         dcomm.barrier()
-
-    def _comparison(self, results: list[SubnetResult]) -> dict[str, float]:
-        out = super()._comparison(results)
-        out["world_size"] = self.world_size
-        return out
-

@@ -14,13 +14,19 @@ from __future__ import annotations
 import time
 
 from istfx.core.compiler import ISTModel
+from istfx.runtime.backend_api import (
+    Backend,
+    RoundResult,
+    TrainSubnet,
+    model_device,
+    subnet_bytes,
+    subnet_parameters,
+)
 from istfx.runtime.optim_state import attach, trained_names
 from istfx.runtime.state_travel import CentralState, StateConfig
 
-from . import RoundResult, TrainSubnet, model_device, subnet_bytes, subnet_parameters
 
-
-class LocalBackend:
+class LocalBackend(Backend):
     """Trains the subnets of a round sequentially in the calling process.
 
     ``RoundResult.extra["subnet_seconds"]`` holds each subnet's training

@@ -191,7 +191,7 @@ class IST:
                  topology: str, state: str = "reset", outer: bool = False) -> None:
         import istfx
         from istfx.backends import SubnetResult
-        from istfx.backends.torch_dist import TorchDistBackend
+        from istfx.backends import TorchDistBackend
         from istfx.runtime import optim_state
         from istfx.runtime.state_travel import StateConfig
 

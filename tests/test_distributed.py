@@ -5,7 +5,9 @@
 - a resumed run ends bit for bit where the uninterrupted one did;
 - the bytes each rank reports are the bytes the exchange must move;
 - faults (``ps``): a NaN update is rejected, a killed rank and a hung rank
-  are left out and excluded, and the job finishes;
+  are left out and excluded, and the job finishes. Faults are injected through
+  the backends' ``after_local_training`` hook, which the model file of a
+  faulty run overrides on every rank (:func:`_faulty_model`);
 - compressed exchange: quantization error bounds and sizes.
 """
 from __future__ import annotations
@@ -58,6 +60,34 @@ def build_model():
 example_inputs = (torch.randn(8, 64),)
 '''
 
+FAULTS = '''
+
+# -- fault injection: strikes on every rank after local training, before the update leaves the rank
+import math as _math
+import os as _os
+import time as _time
+
+from istfx.backends.torch_base import TorchDistBackend as _Base
+
+_FAULTS = {faults!r}  # (kind, rank, round, seconds)
+
+
+def _strike(backend, round, subnet):
+    for kind, rank, at, seconds in _FAULTS:
+        if rank != backend.rank or at != round:
+            continue
+        if kind == "kill":
+            _os._exit(17)
+        elif kind == "hang":
+            _time.sleep(seconds)
+        elif kind == "nan":
+            with torch.no_grad():
+                next(p for p in subnet.parameters() if p.is_floating_point()).fill_(_math.nan)
+
+
+_Base.after_local_training = _strike
+'''
+
 ROUNDS = 4
 COMMON = ["--rounds", str(ROUNDS), "--local-steps", "3", "--batch-size", "32", "--lr", "0.5", "--threads", "1",
           "--eval-every", "2", "--seed", "3", "--quiet"]
@@ -77,13 +107,26 @@ def compiled(workdir):
     return istfx.compile(model, 2, example_inputs=example_inputs, seed=3)
 
 
-def _launch(workdir: Path, *argv: str, env: dict | None = None, timeout: float = 170) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "istfx.cli.train", str(workdir / "net.py"), *argv]
+LAUNCH_TIMEOUT = 400  # seconds for one `istfx train` job: generous, as the tests share a loaded machine
+
+
+def _launch(workdir: Path, *argv: str, env: dict | None = None, timeout: float = LAUNCH_TIMEOUT,
+            model: Path | None = None) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "istfx.cli.train", str(model or workdir / "net.py"), *argv]
     proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})}, cwd=workdir)
     assert proc.returncode == 0, \
         f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-6000:]}"
     return proc
+
+
+def _faulty_model(workdir: Path, name: str, *faults: tuple) -> Path:
+    """The test model plus fault injection: ``("kill", rank, round)``, ``("hang", rank, round, seconds)``
+    or ``("nan", rank, round)`` strike that rank right after its local training of that round."""
+    entries = [(kind, rank, round, float(rest[0]) if rest else 0.0) for kind, rank, round, *rest in faults]
+    path = workdir / f"{name}.py"
+    path.write_text(MODEL + FAULTS.format(faults=entries), encoding="utf-8")
+    return path
 
 
 def _metrics(path: Path) -> list[dict]:
@@ -259,11 +302,11 @@ def test_ps_survives_nan_update_killed_and_hung_ranks(workdir):
     """Also runs the compressed ps exchange (int4 weights down, int4 updates up)."""
     out = workdir / "faults"
     out.mkdir()
-    env = {"ISTFX_FAULT": "nan:1:0,kill:2:1,hang:1:2:15"}
+    model = _faulty_model(workdir, "net_ps_faults", ("nan", 1, 0), ("kill", 2, 1), ("hang", 1, 2, 15))
     proc = _launch(workdir, "--subnets", "3", "--topology", "ps", "--rounds", "5", "--local-steps", "4",
                    "--lr", "0.5", "--threads", "1", "--round-timeout", "10", "--heartbeat-timeout", "5",
                    "--eval-every", "5", "--compress", "int4", "--metrics", str(out / "m.jsonl"),
-                   "--save", str(out / "final.safetensors"), env=env)
+                   "--save", str(out / "final.safetensors"), model=model)
     rows = _metrics(out / "m.jsonl")
     assert [r["round"] for r in rows] == [0, 1, 2, 3, 4]
     assert rows[0]["rejected"] == [1] and "non-finite" in rows[0]["rejected_reasons"]["1"]
@@ -282,7 +325,7 @@ def test_sharded_rejects_nan_update_and_compresses(workdir, compiled):
     out.mkdir()
     _launch(workdir, "--subnets", "2", "--topology", "sharded", "--compress", "int8", *COMMON,
             "--metrics", str(out / "m.jsonl"), "--save", str(out / "final.safetensors"),
-            env={"ISTFX_FAULT": "nan:1:1"})
+            model=_faulty_model(workdir, "net_nan_1_1", ("nan", 1, 1)))
     rows = _metrics(out / "m.jsonl")
     assert rows[1]["rejected"] == [1] and rows[0]["rejected"] == [] and rows[2]["rejected"] == []
     final = _load(out / "final.safetensors")
@@ -295,10 +338,11 @@ def test_sharded_rejects_nan_update_and_compresses(workdir, compiled):
 
 
 def test_sharded_stops_with_a_clear_error_when_a_rank_dies(workdir):
-    command = [sys.executable, "-m", "istfx.cli.train", str(workdir / "net.py"), "--subnets", "2",
+    model = _faulty_model(workdir, "net_kill_1_1", ("kill", 1, 1))
+    command = [sys.executable, "-m", "istfx.cli.train", str(model), "--subnets", "2",
                "--topology", "sharded", *COMMON]
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=170, cwd=workdir,
-                          env={**os.environ, "ISTFX_FAULT": "kill:1:1"})
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT, cwd=workdir,
+                          env=os.environ)
     assert proc.returncode != 0
     assert "--resume" in proc.stderr and "cannot go on" in proc.stderr
 

@@ -12,14 +12,17 @@ from istfx.backends import (
     BACKENDS,
     Backend,
     LocalBackend,
+    RoundResult,
     SubnetResult,
     get_backend,
     subnet_bytes,
+    subnet_parameters,
 )
 from istfx.models import ISTMLP
 
 import istfx
 from istfx.errors import ISTError
+from istfx.runtime import comm
 from istfx.runtime.training import _OptimizerState, evaluate, fit
 
 ROW_KEYS = {
@@ -308,3 +311,149 @@ def test_backend_registry_and_local_round():
     assert result.report.accepted == [0, 1] and not result.report.rejected
     for name, param in ist.model.named_parameters():  # untrained subnets: nothing changes
         assert torch.equal(param, before[name])
+
+
+# -- the backend contract ------------------------------------------------------------------
+class Sequential(Backend):
+    """The smallest backend: only run_round; every other method is the contract's default."""
+
+    name = "sequential"
+
+    def run_round(self, ist, round, train_subnet):
+        subnets = ist.decompose(round)
+        results = [train_subnet(i, s) for i, s in enumerate(subnets)]
+        report = ist.reassemble(subnets, weights=[max(r.samples, 1) for r in results])
+        return RoundResult(round, results, report, [subnet_parameters(s) for s in subnets],
+                           [subnet_bytes(s) for s in subnets])
+
+
+def test_minimal_backend_subclass_trains_and_resumes_like_the_local_backend(tmp_path):
+    batches = small_batches()
+    kwargs = dict(local_steps=2, optimizer=lambda p: torch.optim.SGD(p, lr=0.1), eval_data=batches, progress=False)
+    local, _ = small_ist(subnets=2)
+    expected = fit(local, batches, rounds=3, backend="local", **kwargs)
+    ist, _ = small_ist(subnets=2)
+    history = fit(ist, batches, rounds=3, backend=Sequential(), **kwargs)
+    assert history.metric("train_loss") == expected.metric("train_loss")
+    assert history.metric("eval_loss") == expected.metric("eval_loss")
+    for (name, p), q in zip(ist.model.named_parameters(), local.model.parameters()):
+        assert torch.equal(p, q), name
+    # the default prepare / save_checkpoint: a run resumed from round 1 ends where the uninterrupted one did
+    resumed, _ = small_ist(subnets=2)
+    fit(resumed, batches, rounds=2, backend=Sequential(), checkpoint_dir=tmp_path, checkpoint_every=1, **kwargs)
+    again, _ = small_ist(subnets=2, seed=7)  # other initial weights: the checkpoint must replace them
+    tail = fit(again, batches, rounds=3, backend=Sequential(), checkpoint_dir=tmp_path, resume=True, **kwargs)
+    assert [row["round"] for row in tail] == [2]
+    assert tail.last["train_loss"] == expected.last["train_loss"]
+    for (name, p), q in zip(again.model.named_parameters(), local.model.parameters()):
+        assert torch.equal(p, q), name
+    manifest = json.loads((tmp_path / "round-000001" / "manifest.json").read_text())
+    assert manifest["backend"] == "sequential" and manifest["topology"] is None
+
+
+class Recording(Sequential):
+    """Records every contract call; a non-main process whose steps draw two batches each."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self.stepped = 0
+
+    @property
+    def is_main(self) -> bool:
+        self.calls.append("is_main")
+        return False
+
+    @property
+    def draws_per_step(self) -> int:
+        return 2
+
+    def make_stepper(self, subnet, optimizer):
+        self.stepped += 1
+        return super().make_stepper(subnet, optimizer)
+
+    def trained_slots(self, ist):
+        self.calls.append("trained_slots")
+        return super().trained_slots(ist)
+
+    def ranks(self, ist):
+        self.calls.append("ranks")
+        return 5
+
+    def prepare(self, ist, start_round=0, checkpoint=None):
+        self.calls.append(f"prepare {start_round}")
+        return super().prepare(ist, start_round, checkpoint)
+
+    def run_round(self, ist, round, train_subnet):
+        self.calls.append(f"run_round {round}")
+        return super().run_round(ist, round, train_subnet)
+
+    def full_model(self, ist):
+        self.calls.append("full_model")
+        return super().full_model(ist)
+
+    def save_checkpoint(self, ist, root, round, rank_state, manifest, keep=None):
+        self.calls.append(f"save_checkpoint {round}")
+        assert set(rank_state["data_positions"]) == {"0", "1"}
+        super().save_checkpoint(ist, root, round, rank_state, manifest, keep)
+
+    def finish(self, ist):
+        self.calls.append("finish")
+
+
+def test_fit_uses_the_contract_and_nothing_else(tmp_path):
+    ist, _ = small_ist(subnets=2)
+    backend = Recording()
+    seen = []
+    data = small_batches(n=192)  # 6 batches: 2 rounds x 1 step x 2 draws per subnet stay within one pass
+    history = fit(ist, data, rounds=2, local_steps=1, backend=backend, eval_data=data, eval_every=2,
+                  checkpoint_dir=tmp_path, checkpoint_every=1, metrics_path=tmp_path / "m.jsonl",
+                  callback=seen.append, progress=False)
+    assert backend.calls == ["prepare 0", "is_main", "trained_slots",
+                             "run_round 0", "save_checkpoint 0", "ranks",
+                             "run_round 1", "full_model", "save_checkpoint 1", "ranks", "finish"]
+    assert backend.stepped == 4  # a stepper per subnet per round
+    assert history[0]["samples"] == 2 * 2 * 32  # subnets x draws per step x batch size
+    # not the main process: no metrics file, no callback; the rows are still returned
+    assert not (tmp_path / "m.jsonl").exists() and seen == []
+    param_bytes = sum(p.numel() * p.element_size() for p in ist.model.parameters())
+    assert history[0]["world_size"] == 5
+    assert history[0]["ddp_bytes_per_rank"] == comm.data_parallel_bytes(param_bytes, 5, steps=1)
+
+
+def test_backends_without_state_travel_refuse_carried_optimizer_state_and_the_outer_step():
+    ist, _ = small_ist(subnets=2)
+    for kwargs in ({"carry_optimizer_state": True}, {"optimizer_state": "carry"}, {"outer_lr": 0.7}):
+        with pytest.raises(ISTError, match="keeps no optimizer state"):
+            fit(ist, small_batches(), rounds=1, local_steps=1, backend=Sequential(), progress=False, **kwargs)
+
+
+def test_an_object_that_is_not_a_backend_is_refused_with_the_contract_to_implement():
+    class DuckTyped:
+        name = "duck"
+
+        def run_round(self, ist, round, train_subnet):
+            raise AssertionError("never called")
+
+    ist, _ = small_ist(subnets=2)
+    with pytest.raises(ISTError, match="subclass of istfx.backends.Backend"):
+        fit(ist, small_batches(), rounds=1, local_steps=1, backend=DuckTyped(), progress=False)
+    with pytest.raises(TypeError, match="run_round"):
+        Backend()  # the one method without a default
+
+
+def test_byte_comparison_is_in_every_row_and_sums_over_the_run():
+    ist, _ = small_ist(subnets=4)
+    history = fit(ist, small_batches(), rounds=3, local_steps=2, progress=False)
+    param_bytes = sum(p.numel() * p.element_size() for p in ist.model.parameters())
+    totals = comm.ByteTotals()
+    for row in history:
+        assert row["ddp_bytes_per_rank"] == comm.data_parallel_bytes(param_bytes, 4, steps=2)
+        assert row["local_sgd_bytes_per_rank"] == comm.local_sgd_bytes(param_bytes, 4)
+        assert row["model_parameter_bytes"] == param_bytes and row["world_size"] == 4
+        assert totals.add(row) == (max(row["bytes_per_subnet"]),) * 2
+    assert not totals.measured and totals.rounds == 3  # the local backend sends nothing: a ps worker's bytes
+    assert totals.ist == 3 * max(history[0]["bytes_per_subnet"])
+    assert totals.ratio == pytest.approx(3 * comm.data_parallel_bytes(param_bytes, 4, 2) / totals.ist)
+    measured = comm.ByteTotals()
+    measured.add({"bytes_sent": [10, None, 30], "bytes_received": [5, 7, None], "ddp_bytes_per_rank": 90.0})
+    assert measured.measured and measured.ist == 30 and measured.ratio == 3.0

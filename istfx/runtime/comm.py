@@ -23,20 +23,25 @@ to the receiver. ::
 Accounting helpers give what data-parallel training would move for the
 same samples: ring all-reduce sends (and receives) ``2 (W-1)/W`` times the
 gradient bytes per rank per step (:func:`ring_allreduce_bytes`).
+:func:`byte_comparison` is the one place that sets a round's IST traffic
+next to data parallel and local SGD (``fit`` adds it to every metrics row);
+:class:`ByteTotals` sums it over a run for summaries.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
 __all__ = [
+    "ByteTotals",
     "COMPRESS_MODES",
     "GROUP",
     "Spec",
     "Traffic",
+    "byte_comparison",
     "data_parallel_bytes",
     "dequantize",
     "local_sgd_bytes",
@@ -89,6 +94,65 @@ def data_parallel_bytes(model_bytes: int, world: int, steps: int) -> float:
 def local_sgd_bytes(model_bytes: int, world: int, averages: int = 1) -> float:
     """Per-rank bytes sent by local SGD that averages the full model `averages` times."""
     return averages * ring_allreduce_bytes(model_bytes, world)
+
+
+def byte_comparison(parameter_bytes: int, world: int, steps: int) -> dict[str, float]:
+    """What data parallel and local SGD would move per rank for a round of `steps` local steps.
+
+    The baselines IST is compared with, over the same `world` ranks and
+    samples: data parallel all-reduces the gradients (the size of the model's
+    parameters) every step; local SGD averages the model once per round.
+    Keys (as in ``fit``'s metrics rows): ``ddp_bytes_per_rank``,
+    ``local_sgd_bytes_per_rank``, ``model_parameter_bytes``, ``world_size``.
+    """
+    return {
+        "ddp_bytes_per_rank": data_parallel_bytes(parameter_bytes, world, steps),
+        "local_sgd_bytes_per_rank": local_sgd_bytes(parameter_bytes, world),
+        "model_parameter_bytes": parameter_bytes,
+        "world_size": world,
+    }
+
+
+@dataclass
+class ByteTotals:
+    """IST's bytes per rank summed over a run's metrics rows, next to data parallel and local SGD.
+
+    IST's bytes are those of the busiest rank (``bytes_sent`` of the row);
+    rows without them (the local backend moves nothing) count what one ``ps``
+    worker would send: its subnet (``measured`` is then False).
+    """
+
+    ist: float = 0.0
+    data_parallel: float = 0.0
+    local_sgd: float = 0.0
+    rounds: int = 0
+    measured: bool = True
+
+    def add(self, row: dict) -> tuple[float, float]:
+        """Count one metrics row; returns the busiest rank's (sent, received) bytes of this round."""
+        sent, received = _per_rank(row.get("bytes_sent")), _per_rank(row.get("bytes_received"))
+        if sent is None or received is None:
+            sent = received = list(row.get("bytes_per_subnet", []))
+            self.measured = False
+        self.ist += max(sent, default=0)
+        self.data_parallel += row.get("ddp_bytes_per_rank") or 0.0
+        self.local_sgd += row.get("local_sgd_bytes_per_rank") or 0.0
+        self.rounds += 1
+        return max(sent, default=0), max(received, default=0)
+
+    @property
+    def ratio(self) -> float:
+        """How many times more data parallel moves than IST (inf when IST moved nothing)."""
+        return self.data_parallel / self.ist if self.ist else math.inf
+
+
+def _per_rank(value: Any) -> list[float] | None:
+    """A row's per-rank byte counts (a list with None for lost ranks, or one rank's number)."""
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple)):
+        return [float(b) for b in value if b is not None]
+    return [float(value)]
 
 
 @dataclass

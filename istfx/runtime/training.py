@@ -16,11 +16,14 @@ Each round the backend cuts the model into subnets, every subnet takes
 (weighted by the samples each saw). Evaluation runs on the full model.
 
 Optimizer state is reset every round by default (a new optimizer per subnet
-per round, as in the IST paper). With ``carry_optimizer_state=True`` a
-full-size copy of every per-parameter state tensor (SGD momentum, Adam
-moments, ...) is kept: each round it is cut like the parameters
-(:meth:`RoundSlices.take`) and loaded into the subnets' new optimizers, then
-written back (:meth:`RoundSlices.put`) after training.
+per round, as in the IST paper). With ``optimizer_state="carry"`` the
+per-parameter state (SGD momentum, Adam moments, ...) travels with its units
+on every backend (:mod:`istfx.runtime.optim_state`): the backend hands each
+subnet its slice of the state, the subnet's new optimizer starts from it, and
+the trained state comes back with the trained parameters. ``outer_lr`` /
+``outer_momentum`` take DiLoCo's outer Nesterov step on each round's change
+(:mod:`istfx.runtime.outer`); ``lr_schedule`` and ``clip_grad_norm`` act
+before every optimizer step (:mod:`istfx.runtime.optimizers`).
 
 With a distributed backend (``backend="torch"`` or a
 :class:`istfx.backends.TorchDistBackend`) every rank calls ``fit`` with the
@@ -30,6 +33,12 @@ and writes the metrics. ``train_data`` may then be a function
 ``checkpoint_dir``/``checkpoint_every`` save safetensors checkpoints
 (:mod:`istfx.runtime.checkpoint`) and ``resume=True`` continues from the newest one
 on the same trajectory: same assignments, data positions and RNG states.
+
+Everything ``fit`` asks of a backend is a method of
+:class:`istfx.runtime.backend_api.Backend` (with defaults for a backend that
+trains every subnet in this process); ``fit`` calls those methods and nothing
+else. Each metrics row also sets IST's bytes next to data parallel and local
+SGD for the same samples (:func:`istfx.runtime.comm.byte_comparison`).
 """
 from __future__ import annotations
 
@@ -40,22 +49,32 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
 from istfx.core.compiler import ISTModel
-from istfx.errors import ISTError
 from istfx.core.slicing import RoundSlices
+from istfx.errors import ISTError
 from istfx.runtime import optim_state
 from istfx.runtime.optimizers import StepControl
 from istfx.runtime.state_travel import StateConfig
+from istfx.runtime import checkpoint as ckpt
+from istfx.runtime import comm
+from istfx.runtime.backend_api import (
+    Backend,
+    OptimizerStep,
+    RoundResult,
+    StepperFactory,
+    SubnetResult,
+    call_model,
+    model_device,
+    model_parameter_bytes,
+    resolve_backend,
+)
 
-if TYPE_CHECKING:
-    from istfx.backends import SubnetResult
-
-__all__ = ["History", "OptimizerStep", "evaluate", "fit"]
+__all__ = ["History", "OptimizerStep", "call_model", "evaluate", "fit"]
 
 OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
 LossFn = Callable[[Any, Any], torch.Tensor]
@@ -69,7 +88,11 @@ class History(list):
     round, all subnets), ``samples_total``, ``epochs`` (``samples_total`` over
     the dataset size, None when unknown), ``seconds``,
     ``parameters_per_subnet``, ``bytes_per_subnet``, ``rejected`` (subnets
-    whose non-finite update was refused) and ``rejected_reasons``.
+    whose non-finite update was refused) and ``rejected_reasons``; the byte
+    comparison ``ddp_bytes_per_rank``, ``local_sgd_bytes_per_rank``,
+    ``model_parameter_bytes`` and ``world_size``
+    (:func:`istfx.runtime.comm.byte_comparison`); then the backend's own
+    measurements (``RoundResult.extra``: bytes sent and received per rank, ...).
     ``history.reports`` holds each round's :class:`ReassembleReport`.
     """
 
@@ -112,15 +135,6 @@ def _to(value: Any, device: torch.device | None) -> Any:
     if isinstance(value, dict):
         return {k: _to(v, device) for k, v in value.items()}
     return value
-
-
-def _call(model: nn.Module, inputs: Any) -> Any:
-    """``model(x)`` for a tensor, ``model(*x)`` for a tuple/list, ``model(**x)`` for a dict."""
-    if isinstance(inputs, (tuple, list)):
-        return model(*inputs)
-    if isinstance(inputs, dict):
-        return model(**inputs)
-    return model(inputs)
 
 
 # cross_entropy's default ignore_index: such targets are not samples (e.g. unlabelled nodes of a graph batch).
@@ -208,8 +222,6 @@ def evaluate(
     Returns:
         ``{"loss": ..., "accuracy": ..., "samples": ...}``.
     """
-    from istfx.backends import model_device
-
     device = torch.device(device) if device is not None else model_device(model)
     was_training = model.training
     model.eval()
@@ -219,7 +231,7 @@ def evaluate(
             for batch in data:
                 inputs, targets = _split_batch(batch)
                 inputs, targets = _to(inputs, device), _to(targets, device)
-                outputs = _call(model, inputs)
+                outputs = call_model(model, inputs)
                 n = _batch_size(inputs, targets)
                 loss_sum += float(loss_fn(outputs, targets)) * n
                 samples += n
@@ -262,43 +274,6 @@ class _OptimizerState(optim_state.FullState):
 
 
 # -- the local-training closure -------------------------------------------------
-class OptimizerStep:
-    """How a subnet takes optimizer steps: plain PyTorch, one batch per step.
-
-    A backend that trains through an engine (DeepSpeed) supplies its own
-    object with the same members from ``backend.stepper(subnet, optimizer)``:
-
-    - ``draws``: batches of the subnet's stream one optimizer step consumes
-      (data-parallel ranks x gradient-accumulation steps);
-    - ``computes(draw)``: whether this process computes draw ``draw`` of a
-      step (each data-parallel rank computes its own share);
-    - ``forward(inputs)``, ``backward(loss)``, ``step()``;
-    - ``finish()``: leave the trained values in the subnet's own tensors.
-    """
-
-    draws = 1
-
-    def __init__(self, subnet: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        self.subnet, self.optimizer = subnet, optimizer
-        optimizer.zero_grad(set_to_none=True)
-
-    def computes(self, draw: int) -> bool:
-        return True
-
-    def forward(self, inputs: Any) -> Any:
-        return _call(self.subnet, inputs)
-
-    def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
-
-    def step(self) -> None:
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-
-    def finish(self) -> None:
-        pass
-
-
 class _SubnetTrainer:
     """Trains one subnet for `local_steps` steps; the same for every backend."""
 
@@ -311,11 +286,13 @@ class _SubnetTrainer:
         loss_fn: LossFn,
         device: torch.device | None,
         carry: bool,
-        stepper: Callable[[nn.Module, torch.optim.Optimizer], OptimizerStep] | None = None,
+        make_stepper: StepperFactory = OptimizerStep,
+        draws: int = 1,
         control: StepControl | None = None,
     ) -> None:
         self.ist = ist
-        self.stepper = stepper or OptimizerStep
+        self.make_stepper = make_stepper
+        self.draws = draws
         if _per_subnet(train_data):
             self.batches = [_Batches(lambda s=s: train_data(s)) for s in range(ist.plan.subnets)]
         else:
@@ -338,7 +315,7 @@ class _SubnetTrainer:
         time, as training drew them, so data sources that share a generator
         (one DataLoader for every subnet) replay the same order.
         """
-        chunk = self.local_steps * getattr(self.stepper, "draws", 1)
+        chunk = self.local_steps * self.draws
         left = {s: int(positions.get(str(s), 0)) for s in slots}
         while any(left.values()):
             for s in slots:
@@ -347,8 +324,6 @@ class _SubnetTrainer:
                 left[s] -= min(chunk, left[s])
 
     def __call__(self, index: int, subnet: nn.Module) -> SubnetResult:
-        from istfx.backends import SubnetResult
-
         if self.device is not None:
             subnet.to(self.device)
         named = _named_parameters(self.ist, subnet)
@@ -357,11 +332,11 @@ class _SubnetTrainer:
         carried = optim_state.attached(subnet)  # the backend hands over the state the subnet's units carry
         if self.carry and carried:
             optim_state.load_into(optimizer, trainable, carried)
-        first_step = self.batches[index].consumed // max(getattr(self.stepper, "draws", 1), 1)
-        stepper = self.control.wrap(self.stepper(subnet, optimizer), optimizer, first_step)
+        first_step = self.batches[index].consumed // self.draws
+        stepper = self.control.wrap(self.make_stepper(subnet, optimizer), optimizer, first_step)
         loss_sum, correct, counted, samples = 0.0, 0, 0, 0
         for _ in range(self.local_steps):
-            for draw in range(stepper.draws):
+            for draw in range(self.draws):
                 batch = self.batches[index].next()  # every rank draws every batch: the streams stay aligned
                 if not stepper.computes(draw):
                     continue
@@ -508,9 +483,82 @@ def fit(
         residual blocks were dealt out, call ``ist.finalize()`` once training
         is over to fold the evaluation scaling into it.
     """
-    from istfx.runtime import checkpoint as ckpt
-    from istfx.backends import get_backend
+    _check_arguments(ist, train_data, rounds=rounds, local_steps=local_steps, eval_every=eval_every,
+                     optimizer=optimizer, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
+                     resume=resume)
+    state_config = _state_config(carry_optimizer_state, optimizer_state, outer_lr, outer_momentum, lr_schedule,
+                                 clip_grad_norm)
+    if resume and not state_config.plain:
+        raise ISTError("resume: checkpoints do not hold the carried optimizer state or the outer momentum yet, so "
+                       "a resumed run would leave its trajectory; resume with optimizer_state='reset' and no outer "
+                       "step, or start again.")
+    runner = resolve_backend(backend)
+    runner.configure_state(state_config)  # raises for a backend that cannot keep it
+    device = torch.device(device) if device is not None else None
 
+    trainer = _SubnetTrainer(ist, train_data, local_steps, optimizer, loss_fn, device, state_config.carry,
+                             make_stepper=runner.make_stepper, draws=runner.draws_per_step,
+                             control=StepControl(lr_schedule, clip_grad_norm))
+    dataset_size = None if _per_subnet(train_data) else _dataset_size(train_data)
+    parameter_bytes = model_parameter_bytes(ist)  # before prepare: ranks may drop the model's storage
+    history = History()
+    start_round, samples_total = _prepare_and_resume(ist, runner, trainer, checkpoint_dir, resume)
+    main = runner.is_main
+    slots = runner.trained_slots(ist)
+    manifest = {"subnets": ist.plan.subnets, "seed": ist.plan.seed, "backend": runner.name,
+                "topology": runner.topology}
+
+    from tqdm.auto import tqdm
+
+    show = progress and main and sys.stderr.isatty()
+    bar = tqdm(range(start_round, rounds), desc="IST rounds", unit="round", disable=not show, leave=True)
+    with contextlib.ExitStack() as stack:
+        stack.callback(bar.close)
+        log = _MetricsLog(stack, metrics_path if main else None, callback if main else None)
+        for round in bar:
+            start = time.perf_counter()
+            result = runner.run_round(ist, round, trainer)
+            samples_total += result.samples
+            scores = None
+            if eval_data is not None and ((round + 1) % eval_every == 0 or round == rounds - 1):
+                scores = _evaluate_full_model(runner, ist, eval_data, loss_fn)
+            if checkpoint_dir is not None and checkpoint_every and (
+                    (round + 1) % checkpoint_every == 0 or round == rounds - 1):
+                runner.save_checkpoint(
+                    ist, checkpoint_dir, round,
+                    {"data_positions": trainer.positions(slots), "samples_total": samples_total},
+                    {"samples_total": samples_total, **manifest}, keep_checkpoints)
+            row = _round_metrics(result, samples_total=samples_total, dataset_size=dataset_size, scores=scores,
+                                seconds=time.perf_counter() - start,
+                                comparison=comm.byte_comparison(parameter_bytes, runner.ranks(ist), result.steps))
+            history.append(row)
+            history.reports.append(result.report)
+            log.write(row)
+            bar.set_postfix_str(
+                f"loss {_fmt(row['train_loss'], '.4f')} acc {_fmt(row['train_accuracy'], '.3f')}"
+                + (f" eval {_fmt(row['eval_accuracy'], '.3f')}" if row["eval_loss"] is not None else "")
+            )
+    runner.finish(ist)
+    return history
+
+
+def _state_config(carry_optimizer_state: bool, optimizer_state: str | None, outer_lr: float, outer_momentum: float,
+                  lr_schedule: Any, clip_grad_norm: Any) -> StateConfig:
+    """What the backend keeps between rounds, from :func:`fit`'s arguments (refusing bad ones)."""
+    if carry_optimizer_state and optimizer_state not in (None, "carry"):
+        raise ISTError(f"carry_optimizer_state=True and optimizer_state={optimizer_state!r} disagree: "
+                       "pass optimizer_state only.")
+    if clip_grad_norm is not None and not clip_grad_norm > 0:
+        raise ISTError(f"clip_grad_norm must be > 0 (or None: off), got {clip_grad_norm!r}.")
+    if lr_schedule is not None and not callable(lr_schedule):
+        raise ISTError("lr_schedule must be a function step -> learning-rate multiplier, e.g. "
+                       "TrainingRecipe(lr_schedule='cosine').schedule(rounds * local_steps).")
+    return StateConfig("carry" if carry_optimizer_state else (optimizer_state or "reset"), outer_lr, outer_momentum)
+
+
+def _check_arguments(ist: Any, train_data: Any, *, rounds: Any, local_steps: Any, eval_every: Any, optimizer: Any,
+                     checkpoint_dir: Any, checkpoint_every: Any, resume: Any) -> None:
+    """Refuse bad arguments of :func:`fit` before anything starts, saying what to pass instead."""
     if not isinstance(ist, ISTModel):
         raise ISTError(f"fit expects the ISTModel returned by istfx.compile(model, subnets=...), got "
                        f"{type(ist).__name__}.")
@@ -535,131 +583,95 @@ def fit(
     if not callable(optimizer):
         raise ISTError("optimizer must be a function params -> torch.optim.Optimizer, e.g. "
                        "lambda params: torch.optim.SGD(params, lr=0.01).")
-    if carry_optimizer_state and optimizer_state not in (None, "carry"):
-        raise ISTError(f"carry_optimizer_state=True and optimizer_state={optimizer_state!r} disagree: "
-                       "pass optimizer_state only.")
-    if clip_grad_norm is not None and not clip_grad_norm > 0:
-        raise ISTError(f"clip_grad_norm must be > 0 (or None: off), got {clip_grad_norm!r}.")
-    if lr_schedule is not None and not callable(lr_schedule):
-        raise ISTError("lr_schedule must be a function step -> learning-rate multiplier, e.g. "
-                       "TrainingRecipe(lr_schedule='cosine').schedule(rounds * local_steps).")
-    state_config = StateConfig("carry" if carry_optimizer_state else (optimizer_state or "reset"),
-                               outer_lr, outer_momentum)
-    runner = get_backend(backend)
-    configure = getattr(runner, "configure_state", None)
-    if callable(configure):
-        configure(state_config)
-    elif not state_config.plain:
-        raise ISTError(f"backend {getattr(runner, 'name', type(runner).__name__)!r} keeps no optimizer state or "
-                       "outer momentum between rounds: use optimizer_state='reset' and outer_lr=1, "
-                       "outer_momentum=0 with it.")
-    device = torch.device(device) if device is not None else None
 
-    trainer = _SubnetTrainer(ist, train_data, local_steps, optimizer, loss_fn, device, state_config.carry,
-                             stepper=getattr(runner, "stepper", None),
-                             control=StepControl(lr_schedule, clip_grad_norm))
-    dataset_size = None if per_subnet else _dataset_size(train_data)
-    history = History()
-    samples_total = 0
-    start_round = 0
 
+# -- resume -----------------------------------------------------------------------
+def _prepare_and_resume(ist: ISTModel, runner: Backend, trainer: _SubnetTrainer,
+                        checkpoint_dir: str | os.PathLike | None,
+                        resume: bool | str | os.PathLike) -> tuple[int, int]:
+    """Prepare `runner` for the first round to run; returns ``(start_round, samples_total)``.
+
+    Without `resume` (or with ``resume=True`` and no checkpoint yet) that is
+    round 0. Resuming, the backend loads the newest complete checkpoint, and
+    each slot this process trains replays its data stream to the saved
+    position and gets its saved RNG state back, so the run continues on the
+    uninterrupted trajectory.
+    """
     checkpoint = None
     if resume:
         where = checkpoint_dir if resume is True else resume
         checkpoint = ckpt.find(where)
         if checkpoint is None and resume is not True:
             raise ISTError(f"resume: no complete checkpoint at {where}.")
-    if checkpoint is not None and not state_config.plain:
-        raise ISTError("resume: checkpoints do not hold the carried optimizer state or the outer momentum yet, so "
-                       "a resumed run would leave its trajectory; resume with optimizer_state='reset' and no outer "
-                       "step, or start again.")
+    start_round, samples_total = 0, 0
     if checkpoint is not None:
         checkpoint.check(subnets=ist.plan.subnets, seed=ist.plan.seed)
         start_round = checkpoint.next_round
         samples_total = int(checkpoint.manifest.get("samples_total", 0))
-    if callable(getattr(runner, "prepare", None)):  # a distributed backend
-        saved = runner.prepare(ist, start_round, checkpoint)
-    else:
-        saved = None
-        if checkpoint is not None:
-            ckpt.load_into(ist, checkpoint)
-            saved = checkpoint.rank_state(0)
-    main = bool(getattr(runner, "is_main", True))
-    slots = list(getattr(runner, "slots", range(ist.plan.subnets)))
+    saved = runner.prepare(ist, start_round, checkpoint)
     if checkpoint is not None:
+        slots = runner.trained_slots(ist)
         meta = saved[0] if saved is not None else {}
-        positions = meta.get("data_positions") or {str(s): start_round * local_steps for s in slots}
+        positions = meta.get("data_positions") or {str(s): start_round * trainer.local_steps for s in slots}
         trainer.fast_forward(positions, slots)
         if saved is not None:
             ckpt.restore_rng(saved[1])
-    full_model = getattr(runner, "full_model", None)
+    return start_round, samples_total
 
-    def save(round: int) -> None:
-        state = {"data_positions": trainer.positions(slots), "samples_total": samples_total}
-        manifest = {"samples_total": samples_total, "subnets": ist.plan.subnets, "seed": ist.plan.seed,
-                    "backend": getattr(runner, "name", type(runner).__name__),
-                    "topology": getattr(runner, "topology", None)}
-        if callable(getattr(runner, "save_checkpoint", None)):
-            runner.save_checkpoint(ist, checkpoint_dir, round, state, manifest, keep_checkpoints)
-            return
-        directory = ckpt.round_dir(checkpoint_dir, round)
-        ckpt.save_full(ist, directory, round)
-        ckpt.save_rank(directory, 0, state)
-        ckpt.write_manifest(checkpoint_dir, round, {**manifest, "format": ckpt.FULL, "world_size": 1},
-                            keep_checkpoints)
 
-    from tqdm.auto import tqdm
+# -- metrics ------------------------------------------------------------------------
+def _evaluate_full_model(runner: Backend, ist: ISTModel, eval_data: Iterable,
+                         loss_fn: LossFn) -> dict[str, float | None] | None:
+    """Scores of the full model (on the main process; None elsewhere). Every process takes part."""
+    with runner.full_model(ist) as model:
+        if model is None:
+            return None
+        with ist.inference_scaling():  # ResIST branch scaling, when blocks are dealt out
+            return evaluate(model, eval_data, loss_fn)
 
-    show = progress and main and sys.stderr.isatty()
-    bar = tqdm(range(start_round, rounds), desc="IST rounds", unit="round", disable=not show, leave=True)
-    with contextlib.ExitStack() as stack:
-        stack.callback(bar.close)
-        metrics_file = (stack.enter_context(open(metrics_path, "a", encoding="utf-8"))
-                        if metrics_path is not None and main else None)
-        for round in bar:
-            start = time.perf_counter()
-            result = runner.run_round(ist, round, trainer)
-            samples_total += result.samples
-            row: dict[str, Any] = {
-                "round": round,
-                "train_loss": result.loss,
-                "train_accuracy": result.accuracy,
-                "eval_loss": None,
-                "eval_accuracy": None,
-                "samples": result.samples,
-                "samples_total": samples_total,
-                "epochs": samples_total / dataset_size if dataset_size else None,
-            }
-            if eval_data is not None and ((round + 1) % eval_every == 0 or round == rounds - 1):
-                with (full_model(ist) if full_model is not None else contextlib.nullcontext(ist.model)) as model:
-                    if model is not None:
-                        with ist.inference_scaling():  # ResIST branch scaling, when blocks are dealt out
-                            scores = evaluate(model, eval_data, loss_fn)
-                        row["eval_loss"], row["eval_accuracy"] = scores["loss"], scores["accuracy"]
-            if checkpoint_dir is not None and checkpoint_every and (
-                    (round + 1) % checkpoint_every == 0 or round == rounds - 1):
-                save(round)
-            row.update({
-                "seconds": time.perf_counter() - start,
-                "parameters_per_subnet": list(result.parameters_per_subnet),
-                "bytes_per_subnet": list(result.bytes_per_subnet),
-                "rejected": sorted(result.report.rejected),
-                "rejected_reasons": {int(k): v for k, v in sorted(result.report.rejected.items())},
-            })
-            for key, value in result.extra.items():
-                row.setdefault(key, value)
-            history.append(row)
-            history.reports.append(result.report)
-            if main and metrics_file is not None:
-                metrics_file.write(json.dumps(_json_safe(row)) + "\n")
-                metrics_file.flush()
-            if main and callback is not None:
-                callback(row)
-            bar.set_postfix_str(
-                f"loss {_fmt(row['train_loss'], '.4f')} acc {_fmt(row['train_accuracy'], '.3f')}"
-                + (f" eval {_fmt(row['eval_accuracy'], '.3f')}" if row["eval_loss"] is not None else "")
-            )
-    finish = getattr(runner, "finish", None)
-    if callable(finish):
-        finish(ist)
-    return history
+
+def _round_metrics(result: RoundResult, *, samples_total: int, dataset_size: int | None,
+                  scores: dict[str, float | None] | None, seconds: float,
+                  comparison: dict[str, float]) -> dict[str, Any]:
+    """One round's metrics row (see :class:`History` for the keys).
+
+    `scores` come from :func:`evaluate` (None: not evaluated this round),
+    `comparison` from :func:`istfx.runtime.comm.byte_comparison`; the
+    backend's ``result.extra`` measurements follow (the row's own keys win).
+    """
+    row: dict[str, Any] = {
+        "round": result.round,
+        "train_loss": result.loss,
+        "train_accuracy": result.accuracy,
+        "eval_loss": None if scores is None else scores["loss"],
+        "eval_accuracy": None if scores is None else scores["accuracy"],
+        "samples": result.samples,
+        "samples_total": samples_total,
+        "epochs": samples_total / dataset_size if dataset_size else None,
+        "seconds": seconds,
+        "parameters_per_subnet": list(result.parameters_per_subnet),
+        "bytes_per_subnet": list(result.bytes_per_subnet),
+        "rejected": sorted(result.report.rejected),
+        "rejected_reasons": {int(k): v for k, v in sorted(result.report.rejected.items())},
+    }
+    for key, value in result.extra.items():
+        row.setdefault(key, value)
+    for key, value in comparison.items():
+        row.setdefault(key, value)
+    return row
+
+
+class _MetricsLog:
+    """Where the main process sends each round's row: a JSON-lines file (appended) and a callback."""
+
+    def __init__(self, stack: contextlib.ExitStack, path: str | os.PathLike | None,
+                 callback: Callable[[dict], None] | None) -> None:
+        self.file = stack.enter_context(open(path, "a", encoding="utf-8")) if path is not None else None
+        self.callback = callback
+
+    def write(self, row: dict[str, Any]) -> None:
+        if self.file is not None:
+            self.file.write(json.dumps(_json_safe(row)) + "\n")
+            self.file.flush()
+        if self.callback is not None:
+            self.callback(row)

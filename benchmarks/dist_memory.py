@@ -139,7 +139,7 @@ def baseline_worker(args: argparse.Namespace) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    from istfx.cli.train import ShardBatches
+    from istfx.runtime.data import ShardBatches
     from istfx.runtime.comm import ring_allreduce_bytes
     from istfx.runtime.data import digits
     from istfx.models import ISTMLP
@@ -254,10 +254,10 @@ def write_initial_state(model_file: Path, out: Path) -> None:
     A child, so that this script never holds a large model itself.
     """
     code = ("import sys, torch\n"
-            "from istfx.cli.train import load_training_file\n"
+            "from istfx.cli.loader import load_model_file\n"
             "from istfx.runtime.checkpoint import atomic_save\n"
             "torch.manual_seed(0)\n"
-            "model, _, _ = load_training_file(sys.argv[1])\n"
+            "model = load_model_file(sys.argv[1]).model\n"
             "atomic_save(dict(model.state_dict()), sys.argv[2])\n")
     subprocess.run([sys.executable, "-c", code, str(model_file), str(out)], check=True, cwd=ROOT,
                    env={**os.environ, **ENV})

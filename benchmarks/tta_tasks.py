@@ -95,7 +95,7 @@ def augmented_digits(copies: int = 40, test_copies: int = 10, seed: int = 0) -> 
 
 
 def _mlp(args) -> Task:
-    from istfx.cli.train import ShardBatches
+    from istfx.runtime.data import ShardBatches
     from istfx.models import ISTMLP
     from istfx.runtime.training import evaluate
 

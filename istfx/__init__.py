@@ -35,6 +35,7 @@ _EXPORTS: dict[str, tuple[str, str | None]] = {
     "CaptureError": ("istfx.errors", "CaptureError"),
     "UnsupportedOpError": ("istfx.errors", "UnsupportedOpError"),
     "NonFiniteUpdateError": ("istfx.errors", "NonFiniteUpdateError"),
+    "NothingToSplitError": ("istfx.errors", "NothingToSplitError"),
     # subpackages and the GIST data modules, as `istfx.models`, `from istfx import graphs`
     "models": ("istfx.models", None),
     "passes": ("istfx.passes", None),
@@ -67,5 +68,5 @@ if TYPE_CHECKING:  # static type checkers and IDEs see the real names
     from istfx.core.compiler import ISTModel, ReassembleReport, SubnetInfo, compile
     from istfx.core.plan import Disjoint, Overlap, Plan, Rolling
     from istfx.core.rules import OpContext, register_rule
-    from istfx.errors import CaptureError, ISTError, NonFiniteUpdateError, UnsupportedOpError
+    from istfx.errors import CaptureError, ISTError, NonFiniteUpdateError, NothingToSplitError, UnsupportedOpError
     from istfx.runtime.training import History, evaluate, fit

@@ -16,3 +16,15 @@ class UnsupportedOpError(ISTError):
 
 class NonFiniteUpdateError(ISTError):
     """A subnet came back with NaN or Inf values (raised when asked to, never silently)."""
+
+
+class NothingToSplitError(ISTError):
+    """``istfx.compile`` found nothing to split into subnets; ``plan`` shows every group and why.
+
+    ``reason`` is the message without the pointer to ``plan`` (for tools that show the plan themselves).
+    """
+
+    def __init__(self, reason: str, plan=None, hint: str = "") -> None:
+        super().__init__(f"{reason} {hint}".strip())
+        self.reason = reason
+        self.plan = plan

@@ -150,15 +150,25 @@ def test_build_model_and_neighbour_import(capsys, tmp_path):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--subnets", "0"], "--subnets must be an int >= 1"),
-        (["--subnets", "1000"], "use subnets <="),
         (["--policy", "random"], "unknown policy"),
+        (["--policy", "overlap(2)"], "overlap policy"),
+        (["--sizes", "0.5,0.5"], "sizes must give 4 fractions"),
+        (["--min-depth", "2"], "min_depth needs the depth pass"),
+        (["--blocks", "nope.*"], "no residual block"),
     ],
 )
-def test_bad_options(capsys, argv, message):
+def test_bad_options_are_the_librarys_errors(capsys, argv, message):
     code, out, err = _inspect(capsys, str(EXAMPLES / "mlp.py"), *argv)
     assert code == 2 and out == ""
     assert message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv, message", [(["--subnets", "0"], "--subnets: must be >= 1"),
+                                           (["--sizes", "a,b"], "expected comma-separated fractions")])
+def test_malformed_values_stop_at_parsing(capsys, argv, message):
+    with pytest.raises(SystemExit) as exc:
+        main(["inspect", str(EXAMPLES / "mlp.py"), *argv])
+    assert exc.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_no_command_prints_help(capsys):
@@ -207,3 +217,284 @@ def test_inspect_gcn(capsys):
     split = [g for g in report["groups"] if g["split"]]
     assert [g["units"] for g in split] == [64]  # the hidden features
     assert not any(m["tensor"] == "convs.1.bias" for g in split for m in g["members"])  # output bias shared
+
+
+# -- inspect: nothing to split, roles, approximate groups ------------------------------------------
+LINEAR_ONLY = "import torch\nfrom torch import nn\n\nmodel = nn.Linear(8, 3)\nexample_inputs = torch.randn(4, 8)\n"
+
+LAYERNORM_MLP = """
+import torch
+from torch import nn
+
+model = nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
+example_inputs = torch.randn(4, 8)
+"""
+
+
+def test_inspect_prints_the_plan_when_nothing_splits(capsys, tmp_path):
+    path = tmp_path / "linear.py"
+    path.write_text(LINEAR_ONLY)
+    code, out, err = _inspect(capsys, str(path), "--subnets", "2")
+    assert code == 0, err
+    assert "IST plan: 2 subnets" in out and "shared" in out and "split" not in out.split("members", 1)[1]
+    assert "nothing in Linear can be split" in err and "Traceback" not in err
+    code, out, err = _inspect(capsys, str(path), "--json")
+    report = json.loads(out)
+    assert code == 0 and report["split_any"] is False and not any(g["split"] for g in report["groups"])
+    assert report["parameters_per_subnet"] == [report["parameters_full"]] * 4
+
+
+def test_inspect_too_many_subnets_shows_why(capsys):
+    code, out, err = _inspect(capsys, str(EXAMPLES / "mlp.py"), "--subnets", "1000")
+    assert code == 0
+    assert "use subnets <= 256" in err
+    assert "1000 subnets" in out and "more, " in out  # the per-subnet table is cut short
+
+
+def test_inspect_json_has_a_role_per_group(capsys):
+    import torch
+    from istfx.models import SmallCNN
+    from istfx.passes import roles
+
+    code, out, _ = _inspect(capsys, str(EXAMPLES / "cnn.py"), "--json")
+    assert code == 0
+    groups = json.loads(out)["groups"]
+    assert all(isinstance(g["role"], str) and g["role"] for g in groups)
+    expected = roles(istfx.compile(SmallCNN(), 4, example_inputs=torch.randn(8, 1, 8, 8)))
+    assert {g["id"]: g["role"] for g in groups} == expected
+
+
+def test_split_approximate_reaches_the_compiler(capsys, tmp_path):
+    path = tmp_path / "ln.py"
+    path.write_text(LAYERNORM_MLP)
+    _, out, _ = _inspect(capsys, str(path), "--json", "--subnets", "2")
+    approximate = [g for g in json.loads(out)["groups"] if g["status"] == "approximate"]
+    assert approximate and not any(g["split"] for g in approximate)
+    _, out, _ = _inspect(capsys, str(path), "--json", "--subnets", "2", "--split-approximate")
+    assert any(g["split"] for g in json.loads(out)["groups"] if g["status"] == "approximate")
+
+
+# -- one set of compile options, passed through unchanged ----------------------------------------------
+def test_compile_options_are_the_compilers():
+    import inspect as pyinspect
+
+    from istfx.cli.options import compile_kwargs
+    from istfx.cli.train import build_parser
+
+    args = build_parser().parse_args(["m.py"])
+    kwargs = compile_kwargs(args)
+    parameters = pyinspect.signature(istfx.compile).parameters
+    assert set(kwargs) == set(parameters) - {"model", "example_inputs"}
+    for name, value in kwargs.items():  # the CLI's defaults are the library's
+        if parameters[name].default is not pyinspect.Parameter.empty:
+            assert value == parameters[name].default, name
+
+
+# A value other than the default for every option of `istfx train`.
+EVERY_TRAIN_FLAG = [
+    "--subnets", "3", "--policy", "overlap(0.5)", "--sizes", "0.5,0.3,0.2", "--seed", "7", "--strict",
+    "--split-inner", "--split-approximate", "--blocks", "layers.*", "--min-depth", "2", "--no-width",
+    "--depth-scaling", "train", "--shortcut-blocks", "drop", "--group-blocks", "layers.*", "--backend", "torch",
+    "--rounds", "11", "--local-steps", "4", "--data", "digits", "--lr", "0.05", "--momentum", "0.5",
+    "--batch-size", "16", "--no-shard", "--eval-every", "3", "--threads", "2", "--quiet",
+    "--checkpoint-dir", "ck", "--checkpoint-every", "2", "--keep-checkpoints", "3", "--resume",
+    "--metrics", "m.jsonl", "--save", "out.safetensors", "--master-port", "29999", "--timeout", "60",
+    "--topology", "sharded", "--compress", "int8", "--round-timeout", "30", "--heartbeat-timeout", "0",
+    "--local-rank", "1",
+]
+DEEPSPEED_FLAGS = ["--data-parallel", "2", "--zero-stage", "2", "--grad-accum", "3", "--precision", "bf16"]
+
+
+@pytest.mark.parametrize("backend_flags", [[], ["--backend", "deepspeed", *DEEPSPEED_FLAGS]])
+def test_every_train_flag_reaches_the_ranks(backend_flags):
+    from istfx.cli.main import build_parser as istfx_parser
+    from istfx.cli.train import build_parser, worker_argv
+
+    argv = ["model.py", *EVERY_TRAIN_FLAG, *backend_flags]
+    parent = istfx_parser().parse_args(["train", *argv])
+    rank_parser = build_parser()
+    defaults = rank_parser.parse_args(["model.py"])
+    rank = rank_parser.parse_args(worker_argv(argv, parent, "/tmp/init.safetensors"))
+    assert rank.init_from == "/tmp/init.safetensors"  # the one thing the launcher adds
+    given = {k: v for k, v in vars(rank).items() if k != "init_from"}
+    assert given == {k: v for k, v in vars(parent).items() if k in given}
+    # Every option of the command is set to a non-default value by one of the two cases: a new
+    # option must be added to this test, and then it reaches the ranks too.
+    deepspeed_only = {"backend", "data_parallel", "zero_stage", "grad_accum", "precision"}
+    changed = {k for k in vars(defaults) if getattr(parent, k) != getattr(defaults, k)}
+    if backend_flags:
+        assert deepspeed_only <= changed
+    else:
+        assert set(vars(defaults)) - changed == deepspeed_only | {"init_from", "model"}
+    # A user's own --init-from is passed as given, never replaced.
+    mine = istfx_parser().parse_args(["train", *argv, "--init-from", "mine.safetensors"])
+    assert worker_argv([*argv, "--init-from", "mine.safetensors"], mine, "/tmp/x")[-2:] == \
+        ["--init-from", "mine.safetensors"]
+
+
+def test_backend_options_belong_to_their_backend(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["train", str(EXAMPLES / "mlp.py"), "--zero-stage", "2"])
+    assert exc.value.code == 2
+    assert "--zero-stage is an option of --backend deepspeed, not of --backend torch" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", str(EXAMPLES / "mlp.py"), "--backend", "local", "--topology", "sharded"])
+    assert "--topology is an option of --backend torch" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", str(EXAMPLES / "mlp.py"), "--nproc", "4"])  # the ranks follow from the subnets
+    assert "unrecognized arguments: --nproc" in capsys.readouterr().err
+
+
+# -- start-up: no torch for help and argument errors ------------------------------------------------------
+def test_help_and_argument_errors_do_not_import_torch():
+    code = (
+        "import sys\n"
+        "from istfx.cli import main\n"
+        "for argv in (['--help'], ['--version'], ['inspect', '--help'], ['train', '--help'],\n"
+        "             ['train', 'm.py', '--rounds', '0'], ['train', 'm.py', '--zero-stage', '2'], ['nope']):\n"
+        "    try:\n"
+        "        main(argv)\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "print('TORCH' if 'torch' in sys.modules else 'NO TORCH', file=sys.stderr)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.stderr.strip().endswith("NO TORCH"), proc.stderr[-2000:]
+    assert "--split-approximate" in proc.stdout and "--min-depth" in proc.stdout  # both commands' help
+    assert "--rounds: must be >= 1" in proc.stderr
+
+
+# -- start-up progress of the launcher -------------------------------------------------------------------
+def test_monitor_reports_each_milestone_and_names_a_late_rank(tmp_path, monkeypatch):
+    import io
+
+    from istfx.cli import progress
+
+    clock = [100.0]
+    monkeypatch.setattr(progress.time, "monotonic", lambda: clock[0])
+    out = io.StringIO()
+    monitor = progress.StartupMonitor(str(tmp_path), 3, str(tmp_path / "ready"), stream=out)
+    monitor.begin()
+    status = [progress.RankStatus(str(tmp_path), r) for r in range(3)]
+    for s in status:
+        s.set("importing")
+    clock[0] += 4.0
+    for s in status:
+        s.set("capturing")
+    monitor.poll([None] * 3)
+    status[0].set("loading data")
+    status[1].set("loading data")
+    clock[0] += 1.0
+    monitor.poll([None] * 3)  # rank 2 is behind, but only just
+    clock[0] += 6.0
+    monitor.poll([None] * 3)
+    monitor.poll([None] * 3)  # said once, not at every poll
+    (tmp_path / "ready").touch()
+    clock[0] += 2.0
+    monitor.poll([None] * 3)
+    lines = out.getvalue().splitlines()
+    assert lines == [
+        "starting 3 ranks...",
+        "3 ranks up (python, torch) in 4.0s; capturing the model...",
+        "  waiting for rank 2 (capturing the model, 7.0s)...",
+        "model captured in 9.0s; loading data...",
+        "data loaded in 0.0s; joining...",
+        "3 ranks joined in 0.0s; training",
+    ]
+    status[1].set("capturing")
+    assert monitor.failure(1, 1) == "rank 1 exited with status 1"  # after start-up: no phase to name
+
+
+def test_rank_errors_are_printed_once(tmp_path, capsys):
+    from istfx.cli import progress
+
+    monitor = progress.StartupMonitor(str(tmp_path), 3, None, enabled=False)
+    for rank in range(3):
+        progress.RankStatus(str(tmp_path), rank).error("nothing in Linear can be split")
+    assert monitor.failure(0, 2) == ""  # the error itself says it
+    assert monitor.report_errors()
+    assert capsys.readouterr().err == "istfx: error: nothing in Linear can be split\n"
+
+
+def test_a_rank_that_fails_to_start_is_named(tmp_path, capsys):
+    from istfx.cli.progress import StartupMonitor
+    from istfx.runtime.launch import launch
+
+    monitor = StartupMonitor(str(tmp_path), 2, str(tmp_path / "ready"), enabled=False)
+    code = launch([], 2, module="istfx_no_such_module", status_dir=str(tmp_path), monitor=monitor, grace=2.0)
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "rank 0 failed while starting python (exit status 1)" in err or \
+        "rank 1 failed while starting python (exit status 1)" in err
+
+
+def test_train_reports_progress_and_a_rank_error_once(tmp_path):
+    """Two real ranks; both stop on the same user error, which is printed once and without a traceback."""
+    path = tmp_path / "linear.py"
+    path.write_text(LINEAR_ONLY)
+    script = Path(sys.executable).parent / "istfx"
+    cmd = [str(script)] if script.is_file() else [sys.executable, "-m", "istfx.cli"]
+    proc = subprocess.run([*cmd, "train", str(path), "--subnets", "2", "--threads", "1"], capture_output=True,
+                          text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    err = proc.stderr
+    assert err.startswith("istfx train ") and "2 subnets on 2 ranks" in err
+    assert "loading model..." in err and "starting 2 ranks..." in err
+    assert "2 ranks up (python, torch) in " in err
+    assert err.count("nothing in Linear can be split") == 1 and "Traceback" not in err
+
+
+def test_local_train_runs_the_depth_options(tmp_path, capsys):
+    from istfx.cli.train import main as train_main
+
+    path = tmp_path / "res.py"
+    path.write_text(
+        "import torch\nfrom torch import nn\n\n"
+        "class Block(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.fc = nn.Linear(64, 64)\n"
+        "    def forward(self, x):\n"
+        "        return x + self.fc(torch.relu(x))\n\n"
+        "class Net(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.layers = nn.Sequential(*[Block() for _ in range(4)])\n"
+        "        self.head = nn.Linear(64, 10)\n"
+        "    def forward(self, x):\n"
+        "        return self.head(self.layers(x))\n\n"
+        "model = Net()\nexample_inputs = torch.randn(4, 64)\n"
+    )
+    metrics = tmp_path / "m.jsonl"
+    code = train_main([str(path), "--backend", "local", "--subnets", "2", "--blocks", "layers.*", "--no-width",
+                       "--min-depth", "2", "--rounds", "2", "--local-steps", "2", "--threads", "1",
+                       "--metrics", str(metrics)])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "capturing model..." in err and "round    2/2" in out
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    full = 4 * (64 * 64 + 64) + 64 * 10 + 10
+    # depth only, two of four blocks per subnet: each subnet holds the head and two blocks
+    assert rows[0]["parameters_per_subnet"] == [full - 2 * (64 * 64 + 64)] * 2
+
+
+def test_nothing_to_split_error_carries_the_plan():
+    import torch
+    from torch import nn
+
+    with pytest.raises(istfx.NothingToSplitError, match="nothing in Linear can be split") as info:
+        istfx.compile(nn.Linear(6, 3), subnets=2, example_inputs=(torch.randn(4, 6),))
+    plan = info.value.plan
+    assert isinstance(info.value, istfx.ISTError) and plan.split == [] and plan.groups
+    assert plan.parameters_per_subnet == [plan.parameters_full] * 2 == [21, 21]
+
+
+def test_different_rank_errors_name_their_ranks(tmp_path, capsys):
+    from istfx.cli import progress
+
+    monitor = progress.StartupMonitor(str(tmp_path), 3, None, enabled=False)
+    progress.RankStatus(str(tmp_path), 0).error("cannot go on")
+    progress.RankStatus(str(tmp_path), 2).error("timed out")
+    progress.RankStatus(str(tmp_path), 1).set("joining")
+    assert monitor.report_errors()
+    assert capsys.readouterr().err == "istfx: error (rank 0): cannot go on\nistfx: error (rank 2): timed out\n"

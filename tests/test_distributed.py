@@ -25,7 +25,7 @@ import torch
 
 import istfx
 from istfx.runtime import checkpoint, comm
-from istfx.cli.train import load_training_file
+from istfx.cli.loader import load_model_file
 from istfx.cli.train import main as train_main
 
 import sklearn  # noqa: F401  (the default data, scikit-learn's digits; in the test extra)
@@ -103,8 +103,8 @@ def workdir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def compiled(workdir):
     torch.manual_seed(3)
-    model, example_inputs, _ = load_training_file(workdir / "net.py")
-    return istfx.compile(model, 2, example_inputs=example_inputs, seed=3)
+    loaded = load_model_file(workdir / "net.py")
+    return istfx.compile(loaded.model, 2, example_inputs=loaded.example_inputs, seed=3)
 
 
 LAUNCH_TIMEOUT = 400  # seconds for one `istfx train` job: generous, as the tests share a loaded machine
@@ -421,7 +421,3 @@ def test_backend_refuses_to_run_outside_a_launcher(compiled, monkeypatch):
     with pytest.raises(ISTError, match="compression"):
         TorchDistBackend("ps", compress="int2")
 
-
-def test_train_command_rejects_nproc_other_than_subnets(workdir, capsys):
-    assert train_main([str(workdir / "net.py"), "--subnets", "2", "--nproc", "3"]) == 2
-    assert "one subnet per rank" in capsys.readouterr().err

@@ -22,7 +22,7 @@ from torch import nn
 
 from istfx.core.analysis import AnalysisResult, AxisAnalysis
 from istfx.core.capture import Captured, capture, infer_example_inputs, normalize_example_inputs
-from istfx.errors import ISTError, NonFiniteUpdateError, UnsupportedOpError
+from istfx.errors import ISTError, NonFiniteUpdateError, NothingToSplitError, UnsupportedOpError
 from istfx.core.groups import EXACT, build_groups
 from istfx.core.plan import Plan, Policy, parse_policy
 from istfx.core.slicing import RoundSlices
@@ -387,19 +387,6 @@ def compile(
             "overlap) or fewer subnets.", UserWarning, stacklevel=2)
     if not split and not width and not selected:
         raise ISTError("width=False and no blocks= given: nothing would be split. Pass blocks='*' for depth.")
-    if not split and not selected:
-        exact = [g for g in groups if g.status == EXACT]
-        if not exact:
-            reasons = sorted({r for g in groups for r in g.reasons})[:6]
-            raise ISTError(
-                f"nothing in {type(model).__name__} can be split: every axis is frozen or approximate "
-                f"({'; '.join(reasons)}). See istfx inspect for the full analysis."
-            )
-        largest = max(g.units for g in exact)
-        raise ISTError(
-            f"subnets={subnets} is larger than every splittable group of {type(model).__name__} "
-            f"(the largest has {largest} units): use subnets <= {largest}."
-        )
     state_kinds = {n: t.kind for n, t in analysis.state.items()}
     plan = Plan(
         subnets=subnets, groups=groups, split=split, policy=policy, seed=int(seed), sizes=sizes,
@@ -411,6 +398,23 @@ def compile(
     ist._fold_targets = folds
     plan.parameters_per_subnet = ist.subnet_parameter_counts()
     plan.parameters_full = sum(math.prod(s) for n, s in plan.state_shapes.items() if state_kinds[n] == "parameter")
+    # The plan exists even when nothing splits: the error carries it, so callers can show why.
+    if not split and not selected:
+        exact = [g for g in groups if g.status == EXACT]
+        if not exact:
+            reasons = sorted({r for g in groups for r in g.reasons})[:6]
+            raise NothingToSplitError(
+                f"nothing in {type(model).__name__} can be split: every axis is frozen or approximate "
+                f"({'; '.join(reasons)}).",
+                plan,
+                "print(error.plan) or `istfx inspect` shows every group and why.",
+            )
+        largest = max(g.units for g in exact)
+        raise NothingToSplitError(
+            f"subnets={subnets} is larger than every splittable group of {type(model).__name__} "
+            f"(the largest has {largest} units): use subnets <= {largest}.",
+            plan,
+        )
     return ist
 
 

@@ -1,18 +1,79 @@
-"""Small real datasets that load offline, for examples, tests and benchmarks.
+"""Training data for IST runs: per-subnet shards, and small real datasets that load offline.
 
-The data come from scikit-learn's bundled copies, so nothing is downloaded.
-scikit-learn is an optional dependency: install it with
+:class:`ShardBatches` gives each subnet slot its own shard of a dataset,
+reshuffled every epoch, the same in every process and backend.
+:func:`digits` comes from scikit-learn's bundled copy, so nothing is
+downloaded; scikit-learn is an optional dependency: install it with
 ``pip install "istfx[data]"``.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset, default_collate
 
-__all__ = ["digits", "loaders"]
+from istfx.errors import ISTError
+
+__all__ = ["ShardBatches", "as_dataset", "digits", "loaders"]
+
+
+class ShardBatches:
+    """Batches of one subnet's shard of a dataset, reshuffled every epoch.
+
+    The shard of slot `subnet` is every `subnets`-th sample of a permutation
+    seeded by `seed` (``shard=False``: the whole dataset). Epoch ``e`` visits
+    it in an order seeded by ``(seed, subnet, e)``, so the batches depend
+    only on these numbers: any process, any backend, sees the same ones.
+    The last partial batch is dropped when the shard holds a full batch
+    (batch norm cannot train on one sample).
+    """
+
+    def __init__(self, dataset, subnet: int, subnets: int, batch_size: int, seed: int = 0,
+                 shard: bool = True) -> None:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ISTError(f"batch_size must be an int >= 1, got {batch_size!r}.")
+        n = len(dataset)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+        self.indices = order[subnet::subnets] if shard else torch.arange(n)
+        if len(self.indices) == 0:
+            raise ISTError(f"subnet {subnet} gets no training samples: {n} samples for {subnets} shards.")
+        self.dataset = dataset
+        self.subnet = subnet
+        self.batch_size = batch_size
+        self.seed = int(seed)
+        self.drop_last = len(self.indices) >= self.batch_size
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        n = len(self.indices)
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.subnet * 10_007 + self.epoch)
+        self.epoch += 1
+        order = self.indices[torch.randperm(len(self.indices), generator=generator)]
+        for k in range(len(self)):
+            yield _batch(self.dataset, order[k * self.batch_size:(k + 1) * self.batch_size])
+
+
+def _batch(dataset, index: torch.Tensor):
+    tensors = getattr(dataset, "tensors", None)
+    if tensors is not None:  # TensorDataset: one gather per tensor
+        return tuple(t[index] for t in tensors)
+    return default_collate([dataset[int(i)] for i in index])
+
+
+def as_dataset(value: Any, what: str = "the training data"):
+    """`value` as a dataset of ``(input, label)`` pairs: a dataset as is, a pair of tensors ``(X, Y)`` wrapped."""
+    if isinstance(value, (tuple, list)) and len(value) == 2 and all(isinstance(v, torch.Tensor) for v in value):
+        return TensorDataset(*value)
+    if hasattr(value, "__len__") and hasattr(value, "__getitem__"):
+        return value
+    raise ISTError(f"{what} must be a dataset of (input, label) pairs or a pair of tensors (X, Y), "
+                   f"got {type(value).__name__}.")
 
 
 def _sklearn_datasets() -> Any:

@@ -14,6 +14,13 @@ that die, and the launcher must not end it for them. ::
 The job's exit status is rank 0's; a rank that fails and is not tolerated
 stops the others. Ranks still running a few seconds after rank 0 finished
 (hung workers the job already left behind) are terminated.
+
+A ``monitor`` follows the ranks while the launcher waits: ``monitor.poll``
+sees every rank's exit code (None while it runs) a few times a second, and
+``monitor.failure(rank, code)`` words a rank that stopped (which phase it
+was in). With ``status_dir`` the ranks see ``ISTFX_STATUS_DIR`` (where they
+may write their phase, see :mod:`istfx.cli.progress`) and the ready file
+lives there.
 """
 from __future__ import annotations
 
@@ -27,8 +34,20 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from typing import Protocol
 
-__all__ = ["free_port", "launch", "rank_env"]
+__all__ = ["LaunchMonitor", "free_port", "launch", "rank_env"]
+
+
+class LaunchMonitor(Protocol):
+    """What :func:`launch` tells while it waits for the ranks."""
+
+    def poll(self, codes: list[int | None]) -> None:
+        """Called a few times a second with each rank's exit code (None while it runs)."""
+
+    def failure(self, rank: int, code: int) -> str:
+        """One line on rank `rank`, which exited with status `code` (e.g. the phase it was in);
+        empty when the rank reported its error itself."""
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -82,6 +101,8 @@ def launch(
     tolerate: Callable[[int], bool] = lambda rank: False,
     grace: float = 10.0,
     python: str | None = None,
+    status_dir: str | None = None,
+    monitor: LaunchMonitor | None = None,
 ) -> int:
     """Run `nproc` ranks of ``python -m module *argv`` on this machine; return the job's exit status.
 
@@ -97,6 +118,10 @@ def launch(
             ``ISTFX_READY_FILE``, which rank 0 creates once all joined.
         grace: seconds ranks get to finish after rank 0 did, and to stop
             after a terminate.
+        python: the interpreter of the ranks (default: this one).
+        status_dir: an existing folder the ranks see as ``ISTFX_STATUS_DIR``;
+            the ready file is ``status_dir/ready`` then.
+        monitor: follows the ranks while the launcher waits (see :class:`LaunchMonitor`).
     """
     if nproc < 1:
         raise ValueError(f"nproc must be >= 1, got {nproc}")
@@ -104,7 +129,8 @@ def launch(
     run_id = uuid.uuid4().hex[:12]
     # Rank 0 creates this file once every rank has joined; before that no failure is tolerated
     # (the others would wait for the missing rank at the rendezvous).
-    ready = os.path.join(tempfile.gettempdir(), f"istfx-ready-{run_id}")
+    ready = os.path.join(status_dir, "ready") if status_dir else \
+        os.path.join(tempfile.gettempdir(), f"istfx-ready-{run_id}")
     command = [python or sys.executable, "-m", module, *argv]
     processes: list[subprocess.Popen] = []
     previous = {}
@@ -127,18 +153,27 @@ def launch(
             child_env.update(env or {})
             child_env.update(rank_env(rank, nproc, port, threads=threads, run_id=run_id))
             child_env["ISTFX_READY_FILE"] = ready
+            if status_dir is not None:
+                child_env["ISTFX_STATUS_DIR"] = status_dir
             processes.append(subprocess.Popen(command, env=child_env))
         status = None
         while status is None:
             time.sleep(0.05)
+            if monitor is not None:
+                monitor.poll([proc.poll() for proc in processes])
             code = processes[0].poll()
             if code is not None:
                 status = code
+                if code != 0 and monitor is not None and monitor.failure(0, code):
+                    print(f"istfx: {monitor.failure(0, code)}", file=sys.stderr)
                 break
             for rank, proc in enumerate(processes[1:], start=1):
                 code = proc.poll()
                 if code is not None and code != 0 and not (tolerate(rank) and os.path.exists(ready)):
-                    print(f"istfx: rank {rank} exited with status {code}; stopping the job", file=sys.stderr)
+                    what = monitor.failure(rank, code) if monitor is not None else \
+                        f"rank {rank} exited with status {code}"
+                    if what:
+                        print(f"istfx: {what}; stopping the job", file=sys.stderr)
                     deadline = time.monotonic() + grace  # the others notice and report it themselves
                     while any(p.poll() is None for p in processes) and time.monotonic() < deadline:
                         time.sleep(0.05)

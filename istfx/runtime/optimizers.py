@@ -14,10 +14,11 @@ Usage::
                             outer_lr=0.7, outer_momentum=0.9)
     fit(ist, data, rounds=R, local_steps=L, **recipe.fit_kwargs(total_steps=R * L))
 
-:func:`add_arguments` / :func:`from_args` define the matching command-line
-flags (``--optimizer``, ``--lr``, ``--weight-decay``, ``--betas``,
-``--warmup-steps``, ``--lr-schedule``, ``--clip-grad-norm``,
-``--optimizer-state``, ``--outer-lr``, ``--outer-momentum``).
+:func:`from_args` reads the matching ``istfx train`` flags (``--optimizer``,
+``--lr``, ``--weight-decay``, ``--betas``, ``--warmup-steps``,
+``--lr-schedule``, ``--clip-grad-norm``, ``--optimizer-state``,
+``--outer-lr``, ``--outer-momentum``; defined, torch-free, in
+:func:`istfx.cli.options.add_optimizer_options`).
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ from istfx.errors import ISTError
 from istfx.runtime.optim_state import MODES, check_mode
 from istfx.runtime.outer import OuterStep
 
-__all__ = ["OPTIMIZERS", "SCHEDULES", "StepControl", "TrainingRecipe", "add_arguments", "argv", "from_args", "lr_factor"]
+__all__ = ["OPTIMIZERS", "SCHEDULES", "StepControl", "TrainingRecipe", "from_args", "lr_factor"]
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("constant", "cosine")
@@ -169,61 +170,14 @@ class TrainingRecipe:
 
 
 # -- command line -----------------------------------------------------------------------------------
-def _betas(text: str) -> tuple[float, float]:
-    parts = text.replace(",", " ").split()
-    if len(parts) != 2:
-        raise argparse.ArgumentTypeError(f"--betas takes two numbers, e.g. '0.9,0.95', got {text!r}")
-    try:
-        return float(parts[0]), float(parts[1])
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--betas takes two numbers, e.g. '0.9,0.95', got {text!r}") from None
-
-
-def add_arguments(parser: argparse.ArgumentParser | Any, lr: float = 0.1, optimizer: str = "sgd",
-                  optimizer_state: str = "reset") -> None:
-    """Add the optimizer flags to `parser` (an ArgumentParser or an argument group)."""
-    parser.add_argument("--optimizer", choices=OPTIMIZERS, default=optimizer,
-                        help=f"inner optimizer of every subnet (default: {optimizer})")
-    parser.add_argument("--lr", type=float, default=lr, help=f"peak learning rate (default: {lr:g})")
-    parser.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: 0.9)")
-    parser.add_argument("--weight-decay", type=float, default=0.0,
-                        help="SGD L2 / AdamW decoupled weight decay (default: 0)")
-    parser.add_argument("--betas", type=_betas, default=(0.9, 0.999), metavar="B1,B2",
-                        help="AdamW betas (default: 0.9,0.999)")
-    parser.add_argument("--warmup-steps", type=int, default=0,
-                        help="linear learning-rate warm-up, in steps per worker (default: 0)")
-    parser.add_argument("--lr-schedule", choices=SCHEDULES, default="constant",
-                        help="after warm-up: constant, or cosine decay to 0 at the last step (default: constant)")
-    parser.add_argument("--clip-grad-norm", type=float, default=None, metavar="NORM",
-                        help="clip every step's gradient to this L2 norm (default: off)")
-    parser.add_argument("--optimizer-state", choices=MODES, default=optimizer_state,
-                        help="carry: momentum/Adam moments travel with their units across rounds; reset: a fresh "
-                             f"optimizer every round (default: {optimizer_state})")
-    parser.add_argument("--outer-lr", type=float, default=1.0,
-                        help="outer Nesterov step on each round's change (DiLoCo: 0.7; default 1 = plain write-back)")
-    parser.add_argument("--outer-momentum", type=float, default=0.0,
-                        help="outer momentum (DiLoCo: 0.9; default 0)")
-
-
 def from_args(args: argparse.Namespace) -> TrainingRecipe:
-    """The recipe the flags of :func:`add_arguments` describe (an :class:`ISTError` on bad values)."""
+    """The recipe the optimizer flags of ``istfx train`` describe (an :class:`ISTError` on bad values)."""
     return TrainingRecipe(optimizer=args.optimizer, lr=args.lr, momentum=args.momentum,
                           weight_decay=args.weight_decay, betas=tuple(args.betas), warmup_steps=args.warmup_steps,
                           lr_schedule=args.lr_schedule, clip_grad_norm=args.clip_grad_norm,
                           optimizer_state=args.optimizer_state, outer_lr=args.outer_lr,
                           outer_momentum=args.outer_momentum)
 
-
-def argv(recipe: TrainingRecipe) -> list[str]:
-    """The flags that give `recipe` again (for launching worker processes)."""
-    out = ["--optimizer", recipe.optimizer, "--lr", repr(recipe.lr), "--momentum", repr(recipe.momentum),
-           "--weight-decay", repr(recipe.weight_decay), "--betas", f"{recipe.betas[0]!r},{recipe.betas[1]!r}",
-           "--warmup-steps", str(recipe.warmup_steps), "--lr-schedule", recipe.lr_schedule,
-           "--optimizer-state", recipe.optimizer_state, "--outer-lr", repr(recipe.outer_lr),
-           "--outer-momentum", repr(recipe.outer_momentum)]
-    if recipe.clip_grad_norm is not None:
-        out += ["--clip-grad-norm", repr(recipe.clip_grad_norm)]
-    return out
 
 
 # -- around each optimizer step ------------------------------------------------------------------------

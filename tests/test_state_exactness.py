@@ -266,3 +266,24 @@ def test_outer_lr1_momentum0_is_todays_write_back_bit_for_bit():
     assert all(torch.equal(today[n], same[n]) for n in today)
     stepped = run(outer_lr=0.7, outer_momentum=0.9)
     assert any(not torch.equal(today[n], stepped[n]) for n in today)
+
+
+def test_carried_state_is_on_the_wire_and_in_the_byte_counts(netdir, local_reference):
+    """ps: from round 1 on the worker receives and sends its AdamW moments too (twice its parameters);
+    sharded: each rank keeps its slices' state and outer momentum next to them."""
+    import json as _json
+
+    _train(netdir, "ps-counts", "--backend", "torch", "--topology", "ps")
+    rows = [_json.loads(line) for line in (netdir / "ps-counts.jsonl").read_text().splitlines() if line.strip()]
+    params = rows[0]["bytes_per_subnet"][1]
+    first, later = rows[0]["bytes_received"][1], rows[1]["bytes_received"][1]
+    assert later - first >= 1.9 * params, (first, later, params)  # exp_avg + exp_avg_sq of every slice
+    assert rows[1]["bytes_sent"][1] - rows[0]["bytes_sent"][1] >= 0  # the trained state goes back every round
+    assert rows[0]["bytes_sent"][1] >= 2.9 * params  # update + trained moments already after round 0
+    if not (netdir / "sharded.jsonl").exists():  # the cross-backend test wrote it when it ran first
+        _train(netdir, "sharded", "--backend", "torch", "--topology", "sharded")
+    rows = [_json.loads(line) for line in (netdir / "sharded.jsonl").read_text().splitlines() if line.strip()]
+    assert max(rows[0]["state_bytes"]) < 2 * max(rows[0]["bytes_per_subnet"])  # round 0 starts with no state
+    for row in rows[1:]:  # measured when the round starts: slices, homes and shared tensors with their state
+        for rank, kept in enumerate(row["state_bytes"]):
+            assert kept >= 3 * row["bytes_per_subnet"][rank], (row["round"], rank, kept)

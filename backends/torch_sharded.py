@@ -556,8 +556,8 @@ class TorchShardedBackend(TorchDistBackend):
             for key, channel in self.state_held.items():
                 if key != MOMENTUM_KEY and name in channel:
                     entry[key] = channel[name].clone().to(self.device)
-            if entry:
-                out[name] = entry
+            if any(isinstance(v, torch.Tensor) and v.dim() > 0 for v in entry.values()):
+                out[name] = entry  # never a partial entry (Adam's step without its moments)
         return out
 
     def _keep_state(self, trained: dict) -> None:
@@ -586,8 +586,8 @@ class TorchShardedBackend(TorchDistBackend):
         device = self.comm_device
         entries = []  # (name, key, shape, dtype) in the same order on every rank
         for name in self.shared_names:
-            if not self.dtypes[name].is_floating_point or not self.requires_grad.get(name, False):
-                continue
+            if self.ist.plan.state_kinds[name] != "parameter" or not self.dtypes[name].is_floating_point:
+                continue  # buffers keep no optimizer state (tied parameters appear under each name)
             for key in sorted(self._shared_state_keys(name, trained)):
                 entries.append((name, key))
         if not entries:

@@ -287,3 +287,40 @@ def test_carried_state_is_on_the_wire_and_in_the_byte_counts(netdir, local_refer
     for row in rows[1:]:  # measured when the round starts: slices, homes and shared tensors with their state
         for rank, kept in enumerate(row["state_bytes"]):
             assert kept >= 3 * row["bytes_per_subnet"][rank], (row["round"], rank, kept)
+
+
+GPT_FILE = '''
+import torch
+from istfx.models import GPT, GPTConfig
+from istfx.models.gpt import lm_loss as loss_fn
+
+
+def build_model():
+    return GPT(GPTConfig(vocab_size=32, block_size=8, n_layer=1, n_head=2, n_embd=16))  # tied embedding
+
+
+example_inputs = (torch.randint(0, 32, (2, 8)),)
+
+
+def train_batches(subnet, subnets, seed):
+    generator = torch.Generator().manual_seed(seed * 100 + subnet)
+    rows = torch.randint(0, 32, (6, 4, 9), generator=generator)
+    return [(r[:, :-1], r[:, 1:]) for r in rows]
+'''
+
+
+def test_tied_gpt_carries_adamw_state_the_same_on_every_topology(tmp_path):
+    (tmp_path / "gpt.py").write_text(GPT_FILE, encoding="utf-8")
+    flags = ["--subnets", "2", "--rounds", "3", "--local-steps", "2", "--threads", "1", "--seed", "1", "--quiet",
+             "--eval-every", "3", "--optimizer", "adamw", "--lr", "0.01", "--optimizer-state", "carry",
+             "--outer-lr", "0.7", "--outer-momentum", "0.9", "--clip-grad-norm", "1.0"]
+    models = {}
+    for name, argv in (("local", ["--backend", "local"]), ("sharded", ["--topology", "sharded"]),
+                       ("ps", ["--topology", "ps"])):
+        out = tmp_path / f"{name}.safetensors"
+        proc = subprocess.run([sys.executable, "-m", "istfx.cli.train", str(tmp_path / "gpt.py"), *flags, *argv,
+                               "--save", str(out)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        assert proc.returncode == 0, f"{name}: exit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-5000:]}"
+        models[name], _ = checkpoint.load_file(out)
+    _assert_close(models["sharded"], models["local"], 1e-5, "sharded")
+    _assert_close(models["ps"], models["local"], 1e-5, "ps")

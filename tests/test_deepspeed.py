@@ -150,6 +150,13 @@ def test_bad_deepspeed_settings_are_refused_with_the_fix(workdir, capsys):
         DeepSpeedBackend(precision="int8")
     with pytest.raises(ISTError, match="data_parallel must be an int >= 1"):
         DeepSpeedBackend(data_parallel=0)
+    # checking the world's size creates no group: that is create_groups' job, on every rank in the same order
+    backend = DeepSpeedBackend(data_parallel=2)
+    backend.world_size = 4
+    backend.check_world(2)
+    assert not torch.distributed.is_initialized()
+    with pytest.raises(ISTError, match="3 subnets x 2 data-parallel ranks = 6 ranks, but the world has 4"):
+        backend.check_world(3)
     for argv, message in ((["--backend", "torch", "--data-parallel", "2"], "--data-parallel is an option of "
                                                                           "--backend deepspeed"),
                           (["--backend", "deepspeed", "--topology", "sharded", "--compress", "int8"],

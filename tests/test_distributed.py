@@ -422,3 +422,29 @@ def test_backend_refuses_to_run_outside_a_launcher(compiled, monkeypatch):
     with pytest.raises(ISTError, match="compression"):
         TorchDistBackend("ps", compress="int2")
 
+
+def test_torch_backend_builds_one_class_per_topology():
+    from istfx.backends import TorchDistBackend, TorchPSBackend, TorchShardedBackend
+    from istfx.errors import ISTError
+
+    ps = TorchDistBackend("ps", compress="int8", round_timeout=5, heartbeat_timeout=None)
+    assert type(ps) is TorchPSBackend and ps.topology == "ps" and ps.round_timeout == 5.0
+    assert ps.compress == "int8" and ps.heartbeat_timeout is None
+    sharded = TorchDistBackend(topology=" Sharded ", round_timeout=5)  # the CLI passes ps options to both
+    assert type(sharded) is TorchShardedBackend and isinstance(sharded, TorchDistBackend)
+    assert type(TorchDistBackend()) is TorchPSBackend and TorchShardedBackend().topology == "sharded"
+    with pytest.raises(ISTError, match="runs the 'ps' topology"):
+        TorchPSBackend("sharded")
+
+
+def test_world_check_only_checks(monkeypatch):
+    from istfx.backends import TorchDistBackend
+    from istfx.errors import ISTError
+
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    backend = TorchDistBackend("sharded")
+    with pytest.raises(ISTError, match="world size 3 != 2 subnets"):
+        backend.check_world(2)
+    backend.check_world(3)
+    assert not torch.distributed.is_initialized()  # no process group, no sub-group was created
+

@@ -457,3 +457,18 @@ def test_byte_comparison_is_in_every_row_and_sums_over_the_run():
     measured = comm.ByteTotals()
     measured.add({"bytes_sent": [10, None, 30], "bytes_received": [5, 7, None], "ddp_bytes_per_rank": 90.0})
     assert measured.measured and measured.ist == 30 and measured.ratio == 3.0
+
+
+def test_a_registered_backend_is_found_by_name(monkeypatch):
+    from istfx.runtime import backend_api
+
+    monkeypatch.setitem(backend_api.BACKENDS, "sequential", Sequential)
+    assert set(BACKENDS) >= {"local", "torch", "deepspeed", "sequential"}
+    ist, _ = small_ist(subnets=2)
+    history = fit(ist, small_batches(), rounds=1, local_steps=1, backend=" Sequential", progress=False)
+    assert len(history) == 1 and history.last["world_size"] == 2
+    backend_api.register_backend(" Other ", Sequential)
+    try:
+        assert BACKENDS["other"] is Sequential
+    finally:
+        del backend_api.BACKENDS["other"]

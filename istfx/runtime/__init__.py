@@ -1,1 +1,1 @@
-"""The runtime: the training loop (``fit``), checkpoints, communication accounting, data loaders, launching ranks."""
+"""The runtime: the training loop (``fit``), the backend contract (``backend_api``), checkpoints, communication accounting, data loaders, launching ranks."""

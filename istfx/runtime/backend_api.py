@@ -25,9 +25,13 @@ A minimal backend::
 
     istfx.fit(ist, data, rounds=10, local_steps=5, backend=Sequential())
 
-This module sits low in the runtime (it imports only the core, comm and
-checkpoint modules) so that the training loop and every backend import it,
-and the runtime never imports a backend.
+This module sits low in the runtime (it imports only the core and the
+checkpoint module) so that the training loop and every backend import it.
+The runtime imports no backend: backends register a name
+(:func:`register_backend`); :func:`resolve_backend` turns ``"local"``,
+``"torch"`` or ``"deepspeed"`` into an instance, importing the
+``istfx.backends`` package (which registers those three) by name the first
+time one is asked for.
 """
 from __future__ import annotations
 
@@ -261,13 +265,15 @@ class Backend(ABC):
     is called on every rank at the same point).
 
     ``fit`` calls, in order: :meth:`prepare` once (with the checkpoint it
-    resumes from, if any), :meth:`trained_slots` and :attr:`draws_per_step`
-    to replay data positions, then per round :meth:`run_round` (with a
-    closure built on :meth:`make_stepper`), :meth:`ranks` for the byte
-    comparison, :meth:`full_model` around evaluation and
-    :meth:`save_checkpoint` when a checkpoint is due; at the end
-    :meth:`finish`. Only the rank with :attr:`is_main` logs, evaluates and
-    writes metrics.
+    resumes from, if any), :attr:`is_main`, :meth:`trained_slots` (the data
+    streams to replay and to record in checkpoints); then per round
+    :meth:`run_round` (with a closure that steps each subnet through
+    :meth:`make_stepper`, :attr:`draws_per_step` batches per step),
+    :meth:`full_model` around evaluation, :meth:`save_checkpoint` when a
+    checkpoint is due, :meth:`ranks` for the byte comparison; at the end
+    :meth:`finish`. Only the process with :attr:`is_main` writes metrics and
+    calls the callback; every process takes part in evaluation and
+    checkpoints.
     """
 
     name: ClassVar[str] = "backend"

@@ -402,7 +402,7 @@ def fit(
     loss_fn: LossFn = torch.nn.functional.cross_entropy,
     eval_data: Iterable | None = None,
     eval_every: int = 1,
-    backend: Any = "local",
+    backend: Backend | str = "local",
     metrics_path: str | os.PathLike | None = None,
     progress: bool = True,
     carry_optimizer_state: bool = False,
@@ -442,7 +442,8 @@ def fit(
             may gather the model, which every rank takes part in; only the
             main rank evaluates.
         eval_every: rounds between evaluations.
-        backend: ``"local"``, ``"torch"`` or a backend object (see
+        backend: ``"local"``, ``"torch"``, ``"deepspeed"`` or an instance of
+            a :class:`~istfx.runtime.backend_api.Backend` subclass (see
             :mod:`istfx.backends`). With a distributed backend every rank
             calls ``fit``; the main rank (rank 0) evaluates, logs and writes
             the metrics.

@@ -19,7 +19,10 @@ slot ``r // D`` as data-parallel rank ``r % D`` of its group. Every round:
    rejecting non-finite updates.
 
 The engine is rebuilt each round because each round's subnet holds other
-units (optimizer state starts fresh every round, as in IST). Launch under
+units. Optimizer state starts fresh every round (as in IST) unless
+``fit(optimizer_state="carry")``: then, under ZeRO 0, rank 0 keeps the full
+state and sends each group its slice after the payload, and the leaders send
+the trained state back after the update; the outer step runs on rank 0. Launch under
 the ``deepspeed`` launcher, torchrun, or ``istfx train --backend deepspeed``::
 
     deepspeed --num_gpus 4 --module istfx.cli.train model.py --backend deepspeed \\
@@ -49,9 +52,9 @@ from istfx.core.compiler import ISTModel, ReassembleReport
 from istfx.errors import ISTError
 from istfx.runtime import checkpoint as ckpt
 from istfx.runtime import comm
+from istfx.runtime.backend_api import RoundResult, SubnetResult, TrainSubnet, call_model, model_device
 from istfx.runtime.optim_state import attach, pack_state, trained_names, unpack_state
 from istfx.runtime.state_travel import CentralState, StateConfig
-from istfx.runtime.backend_api import RoundResult, SubnetResult, TrainSubnet, call_model, model_device
 
 from .memory import peak_rss_mb, rss_mb
 from .model_storage import release_model, state_of

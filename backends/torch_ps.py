@@ -12,6 +12,13 @@ from later rounds and the job goes on. Completion is signalled through the
 rendezvous store, never through a blocking receive, because a timed-out gloo
 receive tears down the whole process group.
 
+With ``fit(optimizer_state="carry")`` rank 0 also keeps the full-size
+optimizer state: each worker receives its slice of it after its parameters
+(announced in the header) and sends the trained state back after its update;
+with ``outer_lr``/``outer_momentum`` rank 0 takes the outer step after
+reassembly, the outer momentum kept next to the model
+(:mod:`istfx.runtime.state_travel`).
+
 Usage, inside a script started by ``torchrun --nproc-per-node 4``::
 
     backend = TorchPSBackend()            # or TorchDistBackend("ps")

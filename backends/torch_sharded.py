@@ -12,6 +12,13 @@ share of the homes and the shared tensors: about 1/S of the split parameters
 :meth:`TorchShardedBackend.full_model` gathers the model on rank 0 only when
 asked (evaluation), and a sharded checkpoint is written without gathering.
 
+With ``fit(optimizer_state="carry")`` a unit's optimizer state lives with
+it: each rank keeps the state of its slices, every state key (and, with the
+outer step, the outer momentum) is moved by the same exchange as the values,
+idle elements' state parks at their home rows, and the shared tensors' state
+is averaged like the tensors; no rank ever holds the full state. The outer
+step is taken by the rank holding a slice, after its training.
+
 Needs a disjoint width-only plan (no ``overlap``, no dealt-out blocks); a
 dead rank takes the only copy of its units with it, so this topology stops
 with an error on a fault and is resumed from its last checkpoint.
@@ -45,10 +52,10 @@ from istfx.core.slicing import RoundSlices
 from istfx.errors import ISTError
 from istfx.runtime import checkpoint as ckpt
 from istfx.runtime import comm
+from istfx.runtime.backend_api import RoundResult, SubnetResult, TrainSubnet
 from istfx.runtime.optim_state import attach
 from istfx.runtime.outer import MOMENTUM_KEY
 from istfx.runtime.state_travel import StateConfig, outer_names
-from istfx.runtime.backend_api import RoundResult, SubnetResult, TrainSubnet
 
 from .memory import peak_rss_mb, rss_mb
 from .model_storage import is_finite, is_released, materialize_model, release_model, state_of

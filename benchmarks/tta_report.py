@@ -18,7 +18,8 @@ __all__ = ["LABELS", "at", "compare", "crossing", "goals", "markdown", "plot", "
 
 LABELS = {"ddp": "DDP", "localsgd": "local SGD", "diloco": "DiLoCo (torchft)", "ist-ps": "IST ps",
           "ist-sharded": "IST sharded", "ist-ps-carry": "IST ps carry", "ist-ps-outer": "IST ps carry+outer",
-          "ist-sharded-carry": "IST sharded carry", "ist-sharded-outer": "IST sharded carry+outer"}
+          "ist-sharded-carry": "IST sharded carry", "ist-sharded-outer": "IST sharded carry+outer",
+          "ist-sharded-outer-int8": "IST sharded carry+outer, int8"}
 MB = 1e6
 
 
@@ -153,7 +154,8 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-IST_METHODS = ("ist-ps", "ist-ps-carry", "ist-ps-outer", "ist-sharded", "ist-sharded-carry", "ist-sharded-outer")
+IST_METHODS = ("ist-ps", "ist-ps-carry", "ist-ps-outer", "ist-sharded", "ist-sharded-carry", "ist-sharded-outer",
+               "ist-sharded-outer-int8")
 
 
 def _rounds(run: dict, local_steps: int) -> float:

@@ -50,10 +50,12 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import tta_tasks  # noqa: E402
 
-IST_VARIANTS = {  # method -> (topology, optimizer state, outer step)
-    "ist-ps": ("ps", "reset", False), "ist-ps-carry": ("ps", "carry", False), "ist-ps-outer": ("ps", "carry", True),
-    "ist-sharded": ("sharded", "reset", False), "ist-sharded-carry": ("sharded", "carry", False),
-    "ist-sharded-outer": ("sharded", "carry", True),
+IST_VARIANTS = {  # method -> (topology, optimizer state, outer step, compression of what moves)
+    "ist-ps": ("ps", "reset", False, None), "ist-ps-carry": ("ps", "carry", False, None),
+    "ist-ps-outer": ("ps", "carry", True, None),
+    "ist-sharded": ("sharded", "reset", False, None), "ist-sharded-carry": ("sharded", "carry", False, None),
+    "ist-sharded-outer": ("sharded", "carry", True, None),
+    "ist-sharded-outer-int8": ("sharded", "carry", True, "int8"),
 }
 METHODS = ("ddp", "localsgd", "diloco", *IST_VARIANTS)
 
@@ -188,7 +190,7 @@ class IST:
     """
 
     def __init__(self, task: tta_tasks.Task, args: argparse.Namespace, rank: int, world: int,
-                 topology: str, state: str = "reset", outer: bool = False) -> None:
+                 topology: str, state: str = "reset", outer: bool = False, compress: str | None = None) -> None:
         import istfx
         from istfx.backends import SubnetResult
         from istfx.backends import TorchDistBackend
@@ -196,7 +198,7 @@ class IST:
         from istfx.runtime.state_travel import StateConfig
 
         self.ist = istfx.compile(task.model, subnets=world, example_inputs=task.example_inputs, seed=args.seed)
-        self.backend = TorchDistBackend(topology, timeout=args.timeout)
+        self.backend = TorchDistBackend(topology, timeout=args.timeout, compress=compress)
         self.backend.configure_state(StateConfig(state, args.outer_lr if outer else 1.0,
                                                  args.outer_momentum if outer else 0.0))
         self.backend.prepare(self.ist, 0)
@@ -242,7 +244,7 @@ class IST:
     def describe(self) -> dict:
         return {"topology": self.backend.topology, "parameters_full": self.plan.parameters_full,
                 "parameters_per_subnet": list(self.plan.parameters_per_subnet), "optimizer_state": self.state,
-                "outer": self.outer, "bytes_by": "the backend's own count of the slices (and state) it sent"}
+                "outer": self.outer, "compress": self.backend.compress, "bytes_by": "the backend's own count of the slices (and state) it sent"}
 
     def close(self) -> None:
         self.backend.close()
@@ -329,8 +331,8 @@ def make_method(name: str, task: tta_tasks.Task, args: argparse.Namespace, rank:
     if name == "diloco":
         return DiLoCo(task, args, rank, world)
     if name in IST_VARIANTS:
-        topology, state, outer = IST_VARIANTS[name]
-        return IST(task, args, rank, world, topology, state, outer)
+        topology, state, outer, compress = IST_VARIANTS[name]
+        return IST(task, args, rank, world, topology, state, outer, compress)
     raise SystemExit(f"unknown method {name!r}: use one of {', '.join(METHODS)}")
 
 

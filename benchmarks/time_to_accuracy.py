@@ -241,11 +241,16 @@ def _goal_lines(result: dict) -> list[str]:
     if "quality" in g:
         q = g["quality"]
         lines.append(f"- final score within 2% of DDP's: {q['ist']:.3f} against {q['ddp']:.3f}, "
-                     f"{q['gap']:+.1%} ({mark[q['met']]})")
+                     f"{q['gap']:+.1%}, negative = better than DDP ({mark[q['met']]})")
     cells = []
     for t in g["speed"]["targets"]:
-        ratio = "-" if t["ratio"] is None else f"{t['ratio']:.2f}x"
-        cells.append(f"{t['target']:g}: {ratio}")
+        if t["ratio"] is not None:
+            text = f"{t['ratio']:.2f}x"
+        elif t["ist"] is not None:
+            text = f"IST only ({t['ist']:.0f} s; DiLoCo never)"
+        else:
+            text = "neither"
+        cells.append(f"{t['target']:g}: {text}")
     lines.append(f"- targets at least 1.5x sooner than DiLoCo: {'; '.join(cells)} ({mark[g['speed']['met']]})")
     b = g["bytes"]
     lines.append(f"- at most 1/S of DiLoCo's bytes per round: {b['ist'] / 1e6:.2f} MB against "

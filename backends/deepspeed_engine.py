@@ -19,7 +19,10 @@ slot ``r // D`` as data-parallel rank ``r % D`` of its group. Every round:
    rejecting non-finite updates.
 
 The engine is rebuilt each round because each round's subnet holds other
-units (optimizer state starts fresh every round, as in IST). Launch under
+units. Optimizer state starts fresh every round (as in IST) unless
+``fit(optimizer_state="carry")``: then, under ZeRO 0, rank 0 keeps the full
+state and sends each group its slice after the payload, and the leaders send
+the trained state back after the update; the outer step runs on rank 0. Launch under
 the ``deepspeed`` launcher, torchrun, or ``istfx train --backend deepspeed``::
 
     deepspeed --num_gpus 4 --module istfx.cli.train model.py --backend deepspeed \\
@@ -50,6 +53,8 @@ from istfx.errors import ISTError
 from istfx.runtime import checkpoint as ckpt
 from istfx.runtime import comm
 from istfx.runtime.backend_api import RoundResult, SubnetResult, TrainSubnet, call_model, model_device
+from istfx.runtime.optim_state import attach, pack_state, trained_names, unpack_state
+from istfx.runtime.state_travel import CentralState, StateConfig
 
 from .memory import peak_rss_mb, rss_mb
 from .model_storage import release_model, state_of
@@ -118,6 +123,7 @@ class _EngineStep:
         self.engine, *_ = deepspeed.initialize(model=subnet, optimizer=optimizer, config=backend.engine_config(),
                                                mpu=backend.topology_unit)
         self.low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(backend.precision)
+        self.before_step = None  # set by a step control (lr schedule, clipping): runs right before each step
 
     def computes(self, draw: int) -> bool:
         return draw % self.data_parallel == self.dp_rank
@@ -138,6 +144,8 @@ class _EngineStep:
 
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)
+        if self.before_step is not None and self.engine.is_gradient_accumulation_boundary():
+            self.before_step()
         self.engine.step()  # steps the optimizer only at the accumulation boundary
 
     def step(self) -> None:
@@ -209,6 +217,17 @@ class DeepSpeedBackend(TorchDistBackend):
         self.gradient_accumulation = gradient_accumulation
         self.precision = precision
         self.extra_config = dict(config or {})
+
+    def configure_state(self, config: StateConfig) -> None:
+        """Carry optimizer state / take the outer step. Rank 0 keeps the full state and the outer momentum,
+        and ships each group its state slice with its parameters; ZeRO 0 only (stages 1 and 2 keep the
+        state in the engine's own partitions)."""
+        if config.carry and self.zero_stage != 0:
+            raise ISTError(f"optimizer_state='carry' with DeepSpeed needs ZeRO stage 0 (got {self.zero_stage}): "
+                           "stages 1 and 2 keep the optimizer state in the engine's partitions. Use "
+                           "--zero-stage 0, or optimizer_state='reset'.")
+        self.state_config = config
+        self._central = None
 
     def __repr__(self) -> str:
         return (f"DeepSpeedBackend(rank={self.rank}/{self.world_size}, data_parallel={self.data_parallel}, "
@@ -314,6 +333,7 @@ class DeepSpeedBackend(TorchDistBackend):
                 payload = comm.pack([state[n] for n in self.slot_names(round, s)], device=self.comm_device)
                 works.append((dcomm.isend(payload, s * D), payload))
                 sent += payload.numel()
+        payload = None  # one subnet on one rank: nothing to send
         if D > 1 or me != 0:
             if me == 0:
                 state = state_of(subnets[0])
@@ -336,6 +356,16 @@ class DeepSpeedBackend(TorchDistBackend):
         else:
             subnet = self.instantiate(round, slot, dict(zip(names, comm.unpack(payload, specs))))
         del payload
+        central, slices = None, None
+        if me == 0 and not self.state_config.plain:
+            if getattr(self, "_central", None) is None:
+                self._central = CentralState(ist, self.state_config)
+            central, slices = self._central, self.round_slices(round)[0]
+            central.begin(ist)
+        if self.state_config.carry:
+            carried, moved = self._state_down(round, central, slices, names)
+            sent, received = sent + moved[0], received + moved[1]
+            attach(subnet, carried)
 
         result = train_subnet(slot, subnet)
         self.after_local_training(round, subnet)
@@ -359,6 +389,13 @@ class DeepSpeedBackend(TorchDistBackend):
             dcomm.send(head, 0)
             dcomm.send(update, 0)
             sent += head.numel() * 8 + update.numel()
+            if self.state_config.carry:  # the trained optimizer state follows the update
+                back, layout = (pack_state(result.optimizer_state, names, device=self.comm_device)
+                                if result.optimizer_state else (torch.empty(0, dtype=torch.uint8), 0))
+                dcomm.send(torch.tensor([layout, back.numel()], dtype=torch.int64, device=self.comm_device), 0)
+                if back.numel():
+                    dcomm.send(back, 0)
+                sent += 16 + back.numel()
         parameters, sizes = self.slot_sizes(round)
         extra_base = {"topology": "deepspeed", "data_parallel": D, "zero_stage": self.zero_stage,
                       "precision": self.precision}
@@ -371,6 +408,7 @@ class DeepSpeedBackend(TorchDistBackend):
 
         # Rank 0: collect the leaders' updates and reassemble.
         results = {0: group_result}
+        returned = {0: result.optimizer_state}
         leader_memory: dict[int, tuple[float | None, float | None]] = {0: (rss, peak)}
         leader_bytes: dict[int, tuple[float, float]] = {}
         for s in range(1, S):
@@ -386,10 +424,22 @@ class DeepSpeedBackend(TorchDistBackend):
             leader_memory[s] = (values[5] if values[5] >= 0 else None, values[6] if values[6] >= 0 else None)
             leader_bytes[s] = (head.numel() * 8 + size * D, size)  # uplink + broadcast to D - 1; downlink
             self.write_update(round, s, subnets[s], update)
+            if self.state_config.carry:
+                sizes_back = torch.zeros(2, dtype=torch.int64, device=self.comm_device)
+                dcomm.recv(sizes_back, s * D)
+                if int(sizes_back[1]):
+                    back = torch.empty(int(sizes_back[1]), dtype=torch.uint8, device=self.comm_device)
+                    dcomm.recv(back, s * D)
+                    returned[s] = unpack_state(back, int(sizes_back[0]))
+                received += 16 + int(sizes_back[1])
         home = model_device(ist.model)
         subnets = [s.to(home) for s in subnets]
         report = ist.reassemble(subnets, weights=[max(results[s].samples, 1) for s in range(S)],
                                 on_nonfinite="skip")
+        if central is not None:
+            central.finish(ist, slices, {s: returned.get(s) for s in report.accepted},
+                           {s: trained_names(subnets[s]) for s in report.accepted},
+                           {s: max(results[s].samples, 1) for s in report.accepted})
         all_results = [results[s] for s in range(S)]
         leader_bytes[0] = (sent, received)
         extra = {
@@ -403,6 +453,52 @@ class DeepSpeedBackend(TorchDistBackend):
         }
         return RoundResult(round=round, results=all_results, report=report, parameters_per_subnet=parameters,
                            bytes_per_subnet=sizes, seconds=time.perf_counter() - start, extra=extra)
+
+    def _state_down(self, round: int, central: CentralState | None, slices, names: list[str]):
+        """The optimizer state each group starts the round with, as the payload goes: rank 0 -> leaders ->
+        their groups. Returns (this rank's state or None, (bytes sent, bytes received))."""
+        import deepspeed.comm as dcomm
+
+        S, D, me = self.ist.plan.subnets, self.data_parallel, self.rank
+        slot, leader = self.slot, me % D == 0
+        sent = received = 0
+        works = []
+        if me == 0:
+            for s in range(1, S):
+                state = central.for_subnet(slices, s, self.slot_names(round, s))
+                buffer, layout = (pack_state(state, self.slot_names(round, s), device=self.comm_device) if state
+                                  else (torch.empty(0, dtype=torch.uint8), 0))
+                head = torch.tensor([layout, buffer.numel()], dtype=torch.int64, device=self.comm_device)
+                works.append((dcomm.isend(head, s * D), head))
+                if buffer.numel():
+                    works.append((dcomm.isend(buffer, s * D), buffer))
+                sent += 16 + buffer.numel()
+            state = central.for_subnet(slices, 0, names)
+            buffer, layout = (pack_state(state, names, device=self.comm_device) if state
+                              else (torch.empty(0, dtype=torch.uint8), 0))
+            head = torch.tensor([layout, buffer.numel()], dtype=torch.int64, device=self.comm_device)
+        else:
+            head = torch.zeros(2, dtype=torch.int64, device=self.comm_device)
+            if leader:
+                dcomm.recv(head, 0)
+                received += 16
+        if D > 1:
+            dcomm.broadcast(head, src=slot * D, group=self.group)
+        size = int(head[1])
+        if me != 0 and size:
+            buffer = torch.empty(size, dtype=torch.uint8, device=self.comm_device)
+            if leader:
+                dcomm.recv(buffer, 0)
+                received += size
+        if D > 1 and size:
+            dcomm.broadcast(buffer, src=slot * D, group=self.group)
+            if leader:
+                sent += size * (D - 1)
+            else:
+                received += size
+        for work, _ in works:
+            work.wait()
+        return (unpack_state(buffer, int(head[0])) if size else None), (sent, received)
 
     def _gradient_bytes(self, subnet: nn.Module, steps: int) -> float:
         """Bytes one rank moves for its group's gradient averaging over `steps` optimizer steps."""

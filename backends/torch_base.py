@@ -226,7 +226,6 @@ class TorchDistBackend(Backend):
 
     name = "torch"
     topology: str | None = None
-    carries_optimizer_state = False
 
     def __new__(cls, *args: Any, **kwargs: Any) -> TorchDistBackend:
         if cls is TorchDistBackend:  # the factory: the topology's class

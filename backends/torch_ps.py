@@ -12,6 +12,13 @@ from later rounds and the job goes on. Completion is signalled through the
 rendezvous store, never through a blocking receive, because a timed-out gloo
 receive tears down the whole process group.
 
+With ``fit(optimizer_state="carry")`` rank 0 also keeps the full-size
+optimizer state: each worker receives its slice of it after its parameters
+(announced in the header) and sends the trained state back after its update;
+with ``outer_lr``/``outer_momentum`` rank 0 takes the outer step after
+reassembly, the outer momentum kept next to the model
+(:mod:`istfx.runtime.state_travel`).
+
 Usage, inside a script started by ``torchrun --nproc-per-node 4``::
 
     backend = TorchPSBackend()            # or TorchDistBackend("ps")
@@ -37,6 +44,8 @@ from istfx.core.compiler import ISTModel, ReassembleReport
 from istfx.runtime import checkpoint as ckpt
 from istfx.runtime import comm
 from istfx.runtime.backend_api import RoundResult, SubnetResult, TrainSubnet, model_device
+from istfx.runtime.optim_state import attach, pack_state, trained_names, unpack_state
+from istfx.runtime.state_travel import CentralState, StateConfig
 
 from .memory import peak_rss_mb, rss_mb
 from .model_storage import release_model, state_of
@@ -45,8 +54,9 @@ from .torch_base import TorchDistBackend, message_tag, rendezvous_store
 __all__ = ["TorchPSBackend"]
 
 _TRAIN, _STOP = 1, 0
-_HEADER = 10  # float64 fields of a worker's result header
-_KIND_HEADER, _KIND_PAYLOAD, _KIND_RESULT, _KIND_UPDATE = range(4)
+_DOWN = 4  # int64 fields of rank 0's header: kind, round, optimizer-state layout bytes, optimizer-state bytes
+_HEADER = 12  # float64 fields of a worker's result header (the last two: its optimizer state's layout and bytes)
+_KIND_HEADER, _KIND_PAYLOAD, _KIND_RESULT, _KIND_UPDATE, _KIND_STATE, _KIND_STATE_BACK = range(6)
 
 
 class TorchPSBackend(TorchDistBackend):
@@ -87,6 +97,13 @@ class TorchPSBackend(TorchDistBackend):
         self.failed: dict[int, str] = {}  # rank 0: excluded ranks and why
         self._stopped: set[int] = set()  # rank 0: excluded ranks already told to stop
         self._graveyard: list[Any] = []  # rank 0: abandoned works and their buffers stay alive
+        self._central: CentralState | None = None  # rank 0: carried optimizer state and outer momentum
+
+    def configure_state(self, config: StateConfig) -> None:
+        """Carry optimizer state / take the outer step: rank 0 keeps the full state and the outer momentum
+        and ships each worker its state slice with its parameters (quantized with ``compress``)."""
+        self.state_config = config
+        self._central = None
 
     # -- set-up -------------------------------------------------------------------------------
     def load_state(self, ist: ISTModel, start_round: int, checkpoint: ckpt.Checkpoint | None) -> None:
@@ -128,8 +145,15 @@ class TorchPSBackend(TorchDistBackend):
         world = self.world_size
         subnets = ist.decompose(round)
         traffic = [comm.Traffic() for _ in range(world)]
+        central, slices = None, None
+        if not self.state_config.plain:
+            if self._central is None:
+                self._central = CentralState(ist, self.state_config)
+            central, slices = self._central, self.round_slices(round)[0]
+            central.begin(ist)
+            attach(subnets[0], central.for_subnet(slices, 0, self.slot_names(round, 0)))
         for rank in [s for s in self.failed if s not in self._stopped]:
-            header = torch.tensor([_STOP, round], dtype=torch.int64, device=self.comm_device)
+            header = torch.tensor([_STOP, round, 0, 0], dtype=torch.int64, device=self.comm_device)
             with contextlib.suppress(Exception):  # a dead rank refuses; a hung one reads it when it wakes
                 self._graveyard.append((dist.isend(header, rank, tag=message_tag(round, _KIND_HEADER)), header))
             self._stopped.add(rank)
@@ -140,8 +164,15 @@ class TorchPSBackend(TorchDistBackend):
             names = self.slot_names(round, s)
             state = state_of(subnets[s])
             payload = comm.pack([state[n] for n in names], self.compress, device=self.comm_device)
-            header = torch.tensor([_TRAIN, round], dtype=torch.int64, device=self.comm_device)
-            for tensor, kind in ((header, _KIND_HEADER), (payload, _KIND_PAYLOAD)):
+            carried = central.for_subnet(slices, s, names) if central is not None else None
+            state_buffer, layout_nbytes = (pack_state(carried, names, self.compress, self.comm_device) if carried
+                                           else (None, 0))
+            header = torch.tensor([_TRAIN, round, layout_nbytes, 0 if state_buffer is None else state_buffer.numel()],
+                                  dtype=torch.int64, device=self.comm_device)
+            messages = [(header, _KIND_HEADER), (payload, _KIND_PAYLOAD)]
+            if state_buffer is not None:
+                messages.append((state_buffer, _KIND_STATE))
+            for tensor, kind in messages:
                 sends.append((s, dist.isend(tensor, s, tag=message_tag(round, kind)), tensor))
                 traffic[0].add(sent=comm.tensor_nbytes(tensor))
                 traffic[s].add(received=comm.tensor_nbytes(tensor))
@@ -159,6 +190,7 @@ class TorchPSBackend(TorchDistBackend):
         subnets[0].to(home)
         memory: dict[int, tuple[float | None, float | None]] = {0: (rss_mb(), peak_rss_mb())}
         failed_now: dict[int, str] = {}
+        returned_state: dict[int, Any] = {0: results[0].optimizer_state}
         deadline = start + self.round_timeout
         pending = set(live)
         while pending:
@@ -185,6 +217,12 @@ class TorchPSBackend(TorchDistBackend):
                     traffic[s].add(sent=head.numel() * 8 + update.numel())
                     traffic[0].add(received=head.numel() * 8 + update.numel())
                     self.write_update(round, s, subnets[s], update)
+                    if int(values[11]) > 0:  # the worker's trained optimizer state follows its update
+                        back = torch.empty(int(values[11]), dtype=torch.uint8, device=self.comm_device)
+                        dist.recv(back, s, tag=message_tag(round, _KIND_STATE_BACK))
+                        returned_state[s] = unpack_state(back, int(values[10]), self.compress)
+                        traffic[s].add(sent=back.numel())
+                        traffic[0].add(received=back.numel())
                     pending.discard(s)
                 else:
                     stale = self._heartbeat_stale(s)
@@ -213,6 +251,10 @@ class TorchPSBackend(TorchDistBackend):
             [subnets[s] for s in accepted], weights=[max(results[s].samples, 1) for s in accepted],
             on_nonfinite="skip",
         )
+        if central is not None:
+            central.finish(ist, slices, {s: returned_state.get(s) for s in report.accepted},
+                           {s: trained_names(subnets[s]) for s in report.accepted},
+                           {s: max(results[s].samples, 1) for s in report.accepted})
         parameters, sizes = self.slot_sizes(round)
         all_results = [results.get(s, SubnetResult(samples=0, loss_sum=0.0, correct=None, steps=0))
                        for s in range(world)]
@@ -237,7 +279,7 @@ class TorchPSBackend(TorchDistBackend):
         slot = self.rank
         parameters, sizes = self.slot_sizes(round)
         if self.active:
-            header = torch.zeros(2, dtype=torch.int64, device=self.comm_device)
+            header = torch.zeros(_DOWN, dtype=torch.int64, device=self.comm_device)
             dist.recv(header, 0, tag=message_tag(round, _KIND_HEADER))
             if int(header[0]) == _STOP:
                 self.active = False
@@ -252,10 +294,18 @@ class TorchPSBackend(TorchDistBackend):
         received = comm.tensor_nbytes(header) + payload.numel()
         values = comm.unpack(payload, specs, self.compress)
         del payload
+        carried = None
+        if int(header[3]) > 0:  # the optimizer state this slot's units carry
+            buffer = torch.empty(int(header[3]), dtype=torch.uint8, device=self.comm_device)
+            dist.recv(buffer, 0, tag=message_tag(round, _KIND_STATE))
+            received += buffer.numel()
+            carried = unpack_state(buffer, int(header[2]), self.compress)
+            del buffer
         tensors = {n: v.to(self.device) for n, v in zip(names, values)}
         base = ({n: v.clone() for n, v in tensors.items() if v.is_floating_point()}
                 if self.compress is not None else {})
         subnet = self.instantiate(round, slot, tensors)
+        attach(subnet, carried)
         result = train_subnet(slot, subnet)
         self.after_local_training(round, subnet)
         state = state_of(subnet)
@@ -264,22 +314,29 @@ class TorchPSBackend(TorchDistBackend):
                    for n in names]
             update = comm.pack(out, self.compress, device=self.comm_device)
         del out
+        back, back_layout = (pack_state(result.optimizer_state, names, self.compress, self.comm_device)
+                             if self.state_config.carry and result.optimizer_state else (None, 0))
         rss, peak = rss_mb(), peak_rss_mb()
         head = torch.tensor(
             [round, result.samples, result.loss_sum, -1 if result.correct is None else result.correct,
              result.steps, -1 if rss is None else rss, -1 if peak is None else peak,
-             time.perf_counter() - start, received, 0.0],
+             time.perf_counter() - start, received, 0.0, back_layout, 0 if back is None else back.numel()],
             dtype=torch.float64, device=self.comm_device,
         )
         works = [dist.isend(head, 0, tag=message_tag(round, _KIND_RESULT)),
                  dist.isend(update, 0, tag=message_tag(round, _KIND_UPDATE))]
+        # The state goes last: rank 0 receives it once it has read the header that announces it.
+        state_work = dist.isend(back, 0, tag=message_tag(round, _KIND_STATE_BACK)) if back is not None else None
         for work in works:
             work.wait()
         self.store.set(self._done_key(round, slot), b"1")
+        if state_work is not None:
+            state_work.wait()
         report = ReassembleReport(round, accepted=[slot])
         results = [SubnetResult(0, 0.0, None, 0) for _ in range(self.world_size)]
         results[slot] = result
-        extra = {"bytes_sent": head.numel() * 8 + update.numel(), "bytes_received": received}
+        extra = {"bytes_sent": head.numel() * 8 + update.numel() + (0 if back is None else back.numel()),
+                 "bytes_received": received}
         return RoundResult(round, results, report, parameters, sizes, time.perf_counter() - start, extra)
 
     # -- checkpoints ---------------------------------------------------------------------------------

@@ -12,6 +12,13 @@ share of the homes and the shared tensors: about 1/S of the split parameters
 :meth:`TorchShardedBackend.full_model` gathers the model on rank 0 only when
 asked (evaluation), and a sharded checkpoint is written without gathering.
 
+With ``fit(optimizer_state="carry")`` a unit's optimizer state lives with
+it: each rank keeps the state of its slices, every state key (and, with the
+outer step, the outer momentum) is moved by the same exchange as the values,
+idle elements' state parks at their home rows, and the shared tensors' state
+is averaged like the tensors; no rank ever holds the full state. The outer
+step is taken by the rank holding a slice, after its training.
+
 Needs a disjoint width-only plan (no ``overlap``, no dealt-out blocks); a
 dead rank takes the only copy of its units with it, so this topology stops
 with an error on a fault and is resumed from its last checkpoint.
@@ -46,6 +53,9 @@ from istfx.errors import ISTError
 from istfx.runtime import checkpoint as ckpt
 from istfx.runtime import comm
 from istfx.runtime.backend_api import RoundResult, SubnetResult, TrainSubnet
+from istfx.runtime.optim_state import attach
+from istfx.runtime.outer import MOMENTUM_KEY
+from istfx.runtime.state_travel import StateConfig, outer_names
 
 from .memory import peak_rss_mb, rss_mb
 from .model_storage import is_released, materialize_model, release_model, state_of
@@ -115,6 +125,22 @@ class TorchShardedBackend(TorchDistBackend):
         super().__init__(compress=compress, timeout=timeout, init_from=init_from, backend=backend)
         self.held_for: int | None = None
         self.gathered = False
+        self._reset_state()
+
+    def configure_state(self, config: StateConfig) -> None:
+        """Carry optimizer state / take the outer step. The state of a unit lives with it: each rank keeps
+        the state (and outer momentum) of the slices it holds, and the exchange moves it with the units;
+        idle elements' state parks at their home rows like their values. No rank holds the full state."""
+        self.state_config = config
+        self._reset_state()
+
+    def _reset_state(self) -> None:
+        # key -> name -> tensor shaped like this rank's slice (optimizer state; MOMENTUM_KEY: outer momentum)
+        self.state_held: dict[str, dict[str, torch.Tensor]] = {}
+        self.state_home: dict[str, dict[str, torch.Tensor]] = {}  # key -> name -> home rows
+        self.shared_state: dict[str, dict[str, torch.Tensor]] = {}  # shared name -> key -> tensor (every rank)
+        self.shared_outer: dict[str, torch.Tensor] = {}  # shared name -> outer momentum (every rank)
+        self.scalars: dict[str, dict] = {}  # name -> key -> scalar state (Adam's step), the same on every rank
 
     # -- set-up -----------------------------------------------------------------------------------
     def load_state(self, ist: ISTModel, start_round: int, checkpoint: ckpt.Checkpoint | None) -> None:
@@ -305,18 +331,22 @@ class TorchShardedBackend(TorchDistBackend):
             return None
         return (count,), (row_sel, mask, block, full)
 
-    def _take_piece(self, name: str, piece: tuple) -> torch.Tensor:
+    def _take_piece(self, name: str, piece: tuple, held: dict | None = None, home: dict | None = None) -> torch.Tensor:
+        held = self.held if held is None else held
+        home = self.home if home is None else home
         kind, _, data = piece
         if kind == "move":
             src_pos, _ = data
-            return take_block(self.held[name], src_pos)
+            return take_block(held[name], src_pos)
         row_sel, mask, block, full = data
         if kind == "park":  # from this rank's trained slice: rows by position in it
-            return masked_take(self.held[name], [row_sel, *[None] * (len(full) - 1)], mask, full)
+            return masked_take(held[name], [row_sel, *[None] * (len(full) - 1)], mask, full)
         start, _ = self.home_rows[name]  # fetch: from this rank's home rows
-        return masked_take(self.home[name], [block[0] - start, *block[1:]], mask, full)
+        return masked_take(home[name], [block[0] - start, *block[1:]], mask, full)
 
-    def _put_piece(self, name: str, piece: tuple, value: torch.Tensor, new: dict[str, torch.Tensor]) -> None:
+    def _put_piece(self, name: str, piece: tuple, value: torch.Tensor, new: dict[str, torch.Tensor],
+                   home: dict | None = None) -> None:
+        home = self.home if home is None else home
         kind, shape, data = piece
         if kind == "move":
             _, dst_pos = data
@@ -325,12 +355,25 @@ class TorchShardedBackend(TorchDistBackend):
         row_sel, mask, block, full = data
         if kind == "park":  # into this rank's home rows
             start, _ = self.home_rows[name]
-            masked_put(self.home[name], [block[0] - start, *block[1:]], mask, full, value)
+            masked_put(home[name], [block[0] - start, *block[1:]], mask, full, value)
             return
         masked_put(new[name], [row_sel, *[None] * (len(full) - 1)], mask, full, value)  # fetch
 
     def _exchange(self, previous: int, round: int, traffic: comm.Traffic) -> None:
-        """Move every unit from its trainer of `previous` to its trainer of `round` (one all-to-all).
+        """Move every unit, and the optimizer state and outer momentum it carries, to its next trainer."""
+        self.held = self._exchange_channel(previous, round, traffic, self.held, self.home)
+        for key in sorted(self.state_held):
+            home = self.state_home.setdefault(key, {})
+            for name in self.homed:  # state of elements never trained yet: zeros, as a fresh optimizer's
+                if name not in home:
+                    home[name] = torch.zeros_like(self.home[name])
+            self.state_held[key] = self._exchange_channel(previous, round, traffic, self.state_held[key], home)
+        self.held_for = round
+
+    def _exchange_channel(self, previous: int, round: int, traffic: comm.Traffic, held: dict[str, torch.Tensor],
+                          home: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Move one channel (the parameters, or one optimizer-state key) of every unit from its trainer of
+        `previous` to its trainer of `round` (one all-to-all); returns the new slices.
 
         Pieces are written straight into one send buffer and the old slices
         are dropped before the new ones are allocated, so besides its homes a
@@ -351,7 +394,7 @@ class TorchShardedBackend(TorchDistBackend):
                 for k in range(world):
                     pieces = self._pieces(name, sp, sn, own_p, own_n, me, k)
                     if k == me:
-                        staying.extend((name, piece, self._take_piece(name, piece)) for piece in pieces)
+                        staying.extend((name, piece, self._take_piece(name, piece, held, home)) for piece in pieces)
                     else:
                         outgoing[k].extend((name, piece) for piece in pieces)
                 for j in range(world):
@@ -372,14 +415,14 @@ class TorchShardedBackend(TorchDistBackend):
                     last_use[name] = (k, position)
             for k in range(world):
                 for position, (name, piece) in enumerate(outgoing[k]):
-                    offset += comm.pack_into(send[offset:], [self._take_piece(name, piece)], compress)
+                    offset += comm.pack_into(send[offset:], [self._take_piece(name, piece, held, home)], compress)
                     if last_use.get(name) == (k, position):
-                        self.held.pop(name, None)  # every piece of the old slice is out
-            self.held.clear()
+                        held.pop(name, None)  # every piece of the old slice is out
+            held.clear()
             new = {n: torch.empty(self.slice_shape(sn, n, me), dtype=self.dtypes[n], device=device)
                    for n in self.cut}
             for name, piece, value in staying:
-                self._put_piece(name, piece, value, new)
+                self._put_piece(name, piece, value, new, home)
             del staying
             output = torch.empty(sum(recv_sizes), dtype=torch.uint8, device=device)
             dist.all_to_all_single(output, send, recv_sizes, send_sizes)
@@ -391,10 +434,9 @@ class TorchShardedBackend(TorchDistBackend):
                     size = nbytes((name, piece))
                     spec = comm.Spec(tuple(piece[1]), self.dtypes[name])
                     value = comm.unpack(output[offset:offset + size], [spec], compress)[0]
-                    self._put_piece(name, piece, value, new)
+                    self._put_piece(name, piece, value, new, home)
                     offset += size
-        self.held = new
-        self.held_for = round
+        return new
 
     def train_round(self, ist: ISTModel, round: int, train_subnet: TrainSubnet) -> RoundResult:
         try:
@@ -425,6 +467,8 @@ class TorchShardedBackend(TorchDistBackend):
         names = set(self.slot_names(round, me))
         subnet = self.instantiate(round, me, {n: v for n, v in tensors.items() if n in names})
         del tensors
+        attach(subnet, self._carried_state(names))
+        old_held, old_shared = dict(self.held), dict(self.shared)
         result = train_subnet(me, subnet)
         self.after_local_training(round, subnet)
         state = state_of(subnet)
@@ -442,11 +486,31 @@ class TorchShardedBackend(TorchDistBackend):
         gather_bytes = comm.tensor_nbytes(mine) * (world - 1)
         accepted = [s for s in range(world) if stats[s][0] > 0]
         weights = {s: max(stats[s][1], 1.0) for s in accepted}
+        outer = self.state_config.outer
+        stepped = set(outer_names(ist)) if not outer.identity else set()
         with torch.no_grad():
             if ok:
                 for name in self.cut:
                     self.held[name] = state[name].detach().to(self.comm_device)
+                if self.state_config.carry and result.optimizer_state:
+                    self._keep_state(result.optimizer_state)
+                if stepped:
+                    momentum = self.state_held.setdefault(MOMENTUM_KEY, {})
+                    for name in self.cut:
+                        if name in stepped:
+                            self.held[name], momentum[name] = outer.update(
+                                old_held[name], self.held[name],
+                                momentum.get(name, torch.zeros_like(self.held[name])))
+                        elif name not in momentum:
+                            momentum[name] = torch.zeros_like(self.held[name])
             shared_bytes = self._average_shared(state, ok, weights.get(me, 0.0), sum(weights.values()))
+            if self.state_config.carry:
+                shared_bytes += self._average_shared_state(result.optimizer_state if ok else None,
+                                                           weights.get(me, 0.0), sum(weights.values()))
+            for name in self.shared_names:  # every rank takes the same step: the copies stay equal
+                if name in stepped and any(weights.values()):
+                    self.shared[name], self.shared_outer[name] = outer.update(
+                        old_shared[name], self.shared[name], self.shared_outer.get(name))
         del subnet, state
         traffic.add(sent=comm.ring_allreduce_bytes(shared_bytes, world) + gather_bytes,
                     received=comm.ring_allreduce_bytes(shared_bytes, world) + gather_bytes)
@@ -480,8 +544,89 @@ class TorchShardedBackend(TorchDistBackend):
                            bytes_per_subnet=sizes, seconds=time.perf_counter() - start, extra=extra)
 
     def _state_bytes(self) -> int:
-        """Bytes this rank keeps between rounds: its slices, its homes and the shared tensors."""
-        return sum(comm.tensor_nbytes(t) for part in (self.held, self.home, self.shared) for t in part.values())
+        """Bytes this rank keeps between rounds: its slices, its homes and the shared tensors, with the
+        optimizer state and outer momentum they carry."""
+        parts = [self.held, self.home, self.shared, self.shared_outer, *self.state_held.values(),
+                 *self.state_home.values(), *self.shared_state.values()]
+        return sum(comm.tensor_nbytes(t) for part in parts for t in part.values())
+
+    # -- optimizer state that travels with the units ---------------------------------------------
+    def _carried_state(self, names: set[str]) -> dict | None:
+        """The optimizer state this rank's subnet starts the round with (None: a fresh optimizer)."""
+        if not self.state_config.carry or not (self.state_held or self.shared_state or self.scalars):
+            return None
+        out = {}
+        for name in names:
+            entry = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in self.scalars.get(name, {}).items()}
+            if name in self.shared_state:
+                entry.update({k: v.clone().to(self.device) for k, v in self.shared_state[name].items()})
+            for key, channel in self.state_held.items():
+                if key != MOMENTUM_KEY and name in channel:
+                    entry[key] = channel[name].clone().to(self.device)
+            if any(isinstance(v, torch.Tensor) and v.dim() > 0 for v in entry.values()):
+                out[name] = entry  # never a partial entry (Adam's step without its moments)
+        return out
+
+    def _keep_state(self, trained: dict) -> None:
+        """Keep the trained state of this rank's slices (shaped entries) and the scalars; every cut name gets
+        every key (zeros where it has none), so all ranks exchange the same channels."""
+        keys: set[str] = set()
+        for name, entry in trained.items():
+            for key, value in entry.items():
+                if isinstance(value, torch.Tensor) and value.dim() > 0:
+                    if name in self.held and tuple(value.shape) == tuple(self.held[name].shape):
+                        keys.add(key)
+                        self.state_held.setdefault(key, {})[name] = value.detach().to(
+                            self.comm_device, self.held[name].dtype)
+                else:
+                    self.scalars.setdefault(name, {})[key] = value.clone() if isinstance(value, torch.Tensor) else value
+        for key in keys:
+            channel = self.state_held[key]
+            for name in self.cut:
+                if name not in channel:
+                    channel[name] = torch.zeros_like(self.held[name])
+
+    def _average_shared_state(self, trained: dict | None, weight: float, total: float) -> int:
+        """All-reduce the shared tensors' optimizer state: the sample-weighted mean, as for the tensors."""
+        if total <= 0:
+            return 0
+        device = self.comm_device
+        entries = []  # (name, key, shape, dtype) in the same order on every rank
+        for name in self.shared_names:
+            if self.ist.plan.state_kinds[name] != "parameter" or not self.dtypes[name].is_floating_point:
+                continue  # buffers keep no optimizer state (tied parameters appear under each name)
+            for key in sorted(self._shared_state_keys(name, trained)):
+                entries.append((name, key))
+        if not entries:
+            return 0
+        parts = []
+        for name, key in entries:
+            old = self.shared_state.get(name, {}).get(key)
+            if old is None:
+                old = torch.zeros(self.shapes[name], dtype=self.dtypes[name], device=device)
+            new = (trained or {}).get(name, {}).get(key)
+            parts.append(((new.detach().to(device).double() - old.double()) * weight).reshape(-1)
+                         if new is not None else torch.zeros(old.numel(), dtype=torch.float64, device=device))
+        buffer = torch.cat(parts)
+        dist.all_reduce(buffer)
+        offset = 0
+        for name, key in entries:
+            old = self.shared_state.get(name, {}).get(key)
+            if old is None:
+                old = torch.zeros(self.shapes[name], dtype=self.dtypes[name], device=device)
+            count = old.numel()
+            self.shared_state.setdefault(name, {})[key] = (
+                old.double() + buffer[offset:offset + count].view(old.shape) / total).to(old.dtype)
+            offset += count
+        return comm.tensor_nbytes(buffer)
+
+    def _shared_state_keys(self, name: str, trained: dict | None) -> set[str]:
+        """Shaped optimizer-state keys of shared tensor `name`: every rank's optimizer keeps the same ones."""
+        keys = set(self.shared_state.get(name, {}))
+        for key, value in (trained or {}).get(name, {}).items():
+            if isinstance(value, torch.Tensor) and value.dim() > 0:
+                keys.add(key)
+        return keys
 
     def _average_shared(self, state: dict[str, torch.Tensor], ok: bool, weight: float, total: float) -> int:
         """All-reduce the shared tensors: sample-weighted mean of floats, maximum of integers."""

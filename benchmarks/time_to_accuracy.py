@@ -59,7 +59,9 @@ TARGETS = {"mlp": [0.90, 0.94, 0.96], "gpt": [2.8, 2.6, 2.4, 2.2]}
 TITLES = {"mlp": "Wide MLP (4096 hidden) on augmented digits", "gpt": "Byte-level GPT on pydoc_data.topics"}
 _PORTS = itertools.count(29500)  # a fresh rendezvous port per launch: no TIME_WAIT clashes
 _TASK_FLAGS = ("model", "local_steps", "warmup_steps", "batch_size", "lr", "momentum", "hidden", "copies",
-               "block_size", "n_layer", "n_head", "n_embd", "seed", "budget", "points", "max_steps", "timeout")
+               "block_size", "n_layer", "n_head", "n_embd", "outer_lr", "outer_momentum", "seed", "budget", "points",
+               "max_steps", "timeout")
+LIGHTHOUSE = shutil.which("torchft_lighthouse") or str(Path(sys.executable).with_name("torchft_lighthouse"))
 
 
 def _task_argv(args: argparse.Namespace) -> list[str]:
@@ -94,6 +96,8 @@ def _merge(records: list[dict]) -> dict:
         "eval_seconds": records[0]["eval_seconds"],
         "wall_seconds": max(r["wall_seconds"] for r in records),
         "method_info": records[0]["method_info"],
+        "rss_base_mb": [r.get("rss_base_mb") for r in records],
+        "rss_peak_mb": [r.get("rss_peak_mb") for r in records],
         "task_info": records[0]["task_info"],
     }
 
@@ -109,10 +113,19 @@ def run_method(net: netem.EmulatedNetwork, method: str, workers: int, args: argp
     run_id = uuid.uuid4().hex[:12]
     before = net.port_counters()
     procs, logs = [], []
+    lighthouse = None
+    if method == "diloco":  # torchft's lighthouse, in rank 0's namespace, as a DiLoCo job runs it
+        log = open(out / "lighthouse.log", "w")
+        logs.append(log)
+        lighthouse = net.popen(0, [LIGHTHOUSE, "--min_replicas", str(workers), "--bind", f"0.0.0.0:{port + 1000}",
+                                   "--join_timeout_ms", "60000", "--quorum_tick_ms", "10"],
+                               stdout=log, stderr=subprocess.STDOUT)
     for rank in range(workers):
         env = dict(os.environ)
         env.update(rank_env(rank, workers, port, master_addr=net.address(0), threads=1, run_id=run_id))
-        env.update({"GLOO_SOCKET_IFNAME": net.iface, "TORCH_CPP_LOG_LEVEL": "ERROR", "PYTHONUNBUFFERED": "1"})
+        env.update({"GLOO_SOCKET_IFNAME": net.iface, "TORCH_CPP_LOG_LEVEL": "ERROR", "PYTHONUNBUFFERED": "1",
+                    "ISTFX_TTA_ADDR": net.address(rank), "ISTFX_TTA_FT_PORT": str(port + 2000),
+                    "TORCHFT_LIGHTHOUSE": f"http://{net.address(0)}:{port + 1000}", "RUST_LOG": "error"})
         log = open(out / f"rank{rank}.log", "w")
         logs.append(log)
         procs.append(net.popen(rank, [sys.executable, str(HERE / "tta_worker.py"), "--method", method,
@@ -135,6 +148,9 @@ def run_method(net: netem.EmulatedNetwork, method: str, workers: int, args: argp
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
+        if lighthouse is not None and lighthouse.poll() is None:
+            lighthouse.terminate()
+            lighthouse.wait(timeout=10)
         for log in logs:
             log.close()
     after = net.port_counters()
@@ -181,7 +197,8 @@ def run_setting(net: netem.EmulatedNetwork, args: argparse.Namespace, workers: i
 
 
 def _name(result: dict) -> str:
-    return f"tta_{result['model']}_w{result['workers']}_{result['link']}"
+    tag = f"{result['tag']}_" if result.get("tag") else ""
+    return f"tta_{tag}{result['model']}_w{result['workers']}_{result['link']}"
 
 
 def section(result: dict, command: str, image: str) -> str:
@@ -200,15 +217,51 @@ def section(result: dict, command: str, image: str) -> str:
         f"{result['machine']['loadavg_start'][0]:.1f} at the start, {result['machine']['loadavg_end'][0]:.1f} at "
         "the end (2 cores).",
         "",
-        "Time (training seconds) and MB sent on all links until the target is first met:",
-        "",
-        tta_report.markdown(result),
     ]
+    if "diloco" in result["runs"]:
+        lines += [tta_report.race_markdown(result), "", *_goal_lines(result)]
+    else:
+        lines += ["Time (training seconds) and MB sent on all links until the target is first met:", "",
+                  tta_report.markdown(result)]
     for method, error in (result.get("failed") or {}).items():
         lines += ["", f"{tta_report.LABELS[method]} failed: `{error.splitlines()[-1] if error else ''}`"]
     lines += ["", f"![{result['title']}, {result['workers']} workers]({image})", "",
               f"Raw curves: [`{Path(image).with_suffix('.json').name}`]({Path(image).with_suffix('.json')})."]
     return "\n".join(lines)
+
+
+def _goal_lines(result: dict) -> list[str]:
+    """The issue's goals for the best IST variant against DDP and DiLoCo, measured, as a list."""
+    g = tta_report.goals(result)
+    if not g:
+        return []
+    label = tta_report.LABELS[g["best"]]
+    mark = {True: "met", False: "**not met**"}
+    lines = [f"Goals, best IST variant by final score = {label}:", ""]
+    if "quality" in g:
+        q = g["quality"]
+        lines.append(f"- final score within 2% of DDP's: {q['ist']:.3f} against {q['ddp']:.3f}, "
+                     f"{q['gap']:+.1%}, negative = better than DDP ({mark[q['met']]})")
+    cells = []
+    for t in g["speed"]["targets"]:
+        if t["ratio"] is not None:
+            text = f"{t['ratio']:.2f}x"
+        elif t["ist"] is not None:
+            text = f"IST only ({t['ist']:.0f} s; DiLoCo never)"
+        else:
+            text = "neither"
+        cells.append(f"{t['target']:g}: {text}")
+    lines.append(f"- targets at least 1.5x sooner than DiLoCo: {'; '.join(cells)} ({mark[g['speed']['met']]})")
+    b = g["bytes"]
+    lines.append(f"- at most 1/S of DiLoCo's bytes per round: {b['ist'] / 1e6:.2f} MB against "
+                 f"{b['diloco'] / 1e6:.2f} MB per worker, {b['ratio']:.2f}x ({mark[b['met']]})")
+    if "memory" in g:
+        m = g["memory"]
+        above = "" if m["ratio_above"] is None else (f"; above the start {m['ist_above']:.0f} MB against "
+                                                     f"{m['diloco_above']:.0f} MB, {m['ratio_above']:.2f}x")
+        lines.append(f"- at most 0.5x DiLoCo's peak memory per worker: {m['ist']:.0f} MB against "
+                     f"{m['diloco']:.0f} MB, {m['ratio']:.2f}x{above} ({mark[m['met']]})")
+    return lines
 
 
 def write_section(doc: Path, key: str, text: str) -> None:
@@ -245,6 +298,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="accuracy (mlp) or validation loss (gpt) targets")
     parser.add_argument("--out", type=Path, default=None, help="where JSON and plots go (default docs/benchmarks)")
     parser.add_argument("--no-doc", action="store_true", help="do not write the tables into docs/benchmarks.md")
+    parser.add_argument("--tag", default="", help="a name part for the files and the doc section (e.g. race): "
+                                                  "runs with another tag keep theirs")
     parser.add_argument("--compare", type=Path, nargs="+", default=None, metavar="RESULT.json",
                         help="print the speed-ups of several runs of one setting side by side, and exit")
     parser.add_argument("--render", action="store_true",
@@ -268,7 +323,8 @@ def main(argv: list[str] | None = None) -> int:
         print(tta_report.compare({str(path): json.loads(path.read_text()) for path in args.compare}))
         return 0
     if args.render:
-        for path in sorted(out.glob(f"tta_{args.model}_*.json" if args.model_given else "tta_*.json")):
+        tag = f"{args.tag}_" if args.tag else ""
+        for path in sorted(out.glob(f"tta_{tag}{args.model}_*.json" if args.model_given else f"tta_{tag}*.json")):
             result = json.loads(path.read_text())
             if args.targets:
                 result["targets"] = args.targets
@@ -291,6 +347,7 @@ def main(argv: list[str] | None = None) -> int:
                     for workers in args.workers:
                         result = run_setting(net, args, workers, link, Path(tmp))
                         result["command"] = command.strip()
+                        result["tag"] = args.tag
                         publish(result, out, doc)
     except netem.NetworkError as exc:
         print(f"time_to_accuracy: error: {exc}", file=sys.stderr)

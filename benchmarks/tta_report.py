@@ -13,9 +13,13 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["LABELS", "at", "compare", "crossing", "markdown", "plot", "reach", "series", "speedups"]
+__all__ = ["LABELS", "at", "compare", "crossing", "goals", "markdown", "plot", "race_markdown", "reach", "series",
+           "speedups"]
 
-LABELS = {"ddp": "DDP", "localsgd": "local SGD", "ist-ps": "IST ps", "ist-sharded": "IST sharded"}
+LABELS = {"ddp": "DDP", "localsgd": "local SGD", "diloco": "DiLoCo (torchft)", "ist-ps": "IST ps",
+          "ist-sharded": "IST sharded", "ist-ps-carry": "IST ps carry", "ist-ps-outer": "IST ps carry+outer",
+          "ist-sharded-carry": "IST sharded carry", "ist-sharded-outer": "IST sharded carry+outer",
+          "ist-sharded-outer-int8": "IST sharded carry+outer, int8"}
 MB = 1e6
 
 
@@ -118,7 +122,7 @@ def markdown(result: dict) -> str:
     ]
     for target in result["targets"]:
         hits = {m: reach(runs[m], metric, target, hib) for m in methods}
-        ist = [hits[m] for m in ("ist-ps", "ist-sharded") if m in hits and hits[m] is not None]
+        ist = [hits[m] for m in IST_METHODS if m in hits and hits[m] is not None]
         best = min(ist, key=lambda h: h["train_seconds"]) if ist else None
         lines.append(f"| {_target_text(metric, target)} | " + " | ".join(_cell(hits[m]) for m in methods)
                      + f" | {_ratio(best, hits.get('ddp'))} | {_ratio(best, hits.get('localsgd'))} |")
@@ -150,13 +154,116 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+IST_METHODS = ("ist-ps", "ist-ps-carry", "ist-ps-outer", "ist-sharded", "ist-sharded-carry", "ist-sharded-outer",
+               "ist-sharded-outer-int8")
+
+
+def _rounds(run: dict, local_steps: int) -> float:
+    return max(run["points"][-1]["steps"] / max(local_steps, 1), 1e-9)
+
+
+def _peak(run: dict) -> tuple[float | None, float | None]:
+    """(largest peak RSS of a worker, largest peak RSS above the worker's pre-method baseline), MB."""
+    peaks, bases = run.get("rss_peak_mb") or [], run.get("rss_base_mb") or []
+    if not peaks or any(v is None for v in peaks):
+        return None, None
+    above = [p - b for p, b in zip(peaks, bases) if b is not None]
+    return max(peaks), (max(above) if len(above) == len(peaks) else None)
+
+
+def race_markdown(result: dict) -> str:
+    """The tables of a race (DiLoCo and the IST variants next to DDP and local SGD), methods as rows."""
+    metric, hib = result["metric"], result["higher_is_better"]
+    runs = result["runs"]
+    methods = [m for m in LABELS if m in runs]
+    steps_per_round = result["task_args"]["local_steps"]
+    targets = result["targets"]
+    name = "accuracy" if metric == "accuracy" else "val loss"
+    fmt = (lambda v: f"{v:.1%}") if metric == "accuracy" else (lambda v: f"{v:.3f}")
+    lines = ["Time (training seconds) and MB sent on all links until each target is first met:", "",
+             "| method | " + " | ".join(_target_text(metric, t) for t in targets) + " |",
+             "| --- | " + " | ".join("---:" for _ in targets) + " |"]
+    hits = {m: [reach(runs[m], metric, t, hib) for t in targets] for m in methods}
+    for m in methods:
+        lines.append(f"| {LABELS[m]} | " + " | ".join(_cell(h) for h in hits[m]) + " |")
+    fewest = min(series(runs[m], "samples")[-1] for m in methods)
+    shortest = min(runs[m]["points"][-1]["train_seconds"] for m in methods)
+    lines += [
+        "",
+        f"| method | {name} at {shortest:.0f} s | best {name} | {name} after {fewest / 1e3:,.0f}k samples "
+        "| steps per worker | MB sent per worker per round (own count) | MB sent, all links (counters) "
+        "| peak RSS per worker, MB (above start) | CPU share | set-up s |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for m in methods:
+        run = runs[m]
+        last = run["points"][-1]
+        scores = [v for v in series(run, metric) if v is not None]
+        best = max(scores) if hib else min(scores)
+        sent = series(run, "sent_total")[-1]
+        per_round = series(run, "app_total")[-1] / len(last["app_sent"]) / _rounds(run, steps_per_round)
+        peak, above = _peak(run)
+        share = sum(last["cpu_seconds"]) / (len(last["cpu_seconds"]) * max(max(last["rank_seconds"]), 1e-9))
+        lines.append(
+            f"| {LABELS[m]} | {fmt(at(run, 'train_seconds', shortest, metric))} | {fmt(best)} "
+            f"| {fmt(at(run, 'samples', fewest, metric))} | {last['steps']:,} | {per_round / MB:.2f} "
+            f"| {'-' if sent is None else f'{sent / MB:,.1f}'} "
+            f"| {'-' if peak is None else f'{peak:,.0f}'}{'' if above is None else f' ({above:+,.0f})'} "
+            f"| {share:.0%} | {run['setup_seconds']:.0f} |")
+    return "\n".join(lines)
+
+
+def goals(result: dict) -> dict:
+    """The issue's goals for the best IST variant, measured: each a dict with the numbers and whether it is met.
+
+    - ``quality``: final score within 2% of DDP's in the same budget;
+    - ``speed``: every target reached at least 1.5x sooner than DiLoCo;
+    - ``bytes``: at most 1/S of DiLoCo's bytes per round (own counts);
+    - ``memory``: at most 0.5x DiLoCo's peak memory per worker (RSS above the start, and whole RSS).
+    """
+    metric, hib, runs = result["metric"], result["higher_is_better"], result["runs"]
+    ist = [m for m in IST_METHODS if m in runs]
+    if not ist or "diloco" not in runs:
+        return {}
+    steps_per_round, workers = result["task_args"]["local_steps"], result["workers"]
+    final = {m: runs[m]["points"][-1][metric] for m in runs}
+    best = (max if hib else min)(ist, key=lambda m: final[m])
+    out: dict = {"best": best}
+    if "ddp" in runs:
+        gap = (final["ddp"] - final[best]) / abs(final["ddp"]) if hib else (final[best] - final["ddp"]) / abs(
+            final["ddp"])
+        out["quality"] = {"ist": final[best], "ddp": final["ddp"], "gap": gap, "met": gap <= 0.02}
+    speed = []
+    for t in result["targets"]:
+        d = reach(runs["diloco"], metric, t, hib, keys=("train_seconds",))
+        i = reach(runs[best], metric, t, hib, keys=("train_seconds",))
+        speed.append({"target": t, "ist": i and i["train_seconds"], "diloco": d and d["train_seconds"],
+                      "ratio": None if not (i and d) else d["train_seconds"] / max(i["train_seconds"], 1e-9)})
+    out["speed"] = {"targets": speed, "met": all(s["ratio"] is not None and s["ratio"] >= 1.5 for s in speed
+                                                 if s["diloco"] is not None) and any(s["ist"] for s in speed)}
+
+    def per_round(m: str) -> float:
+        return series(runs[m], "app_total")[-1] / workers / _rounds(runs[m], steps_per_round)
+
+    out["bytes"] = {"ist": per_round(best), "diloco": per_round("diloco"),
+                    "ratio": per_round(best) / max(per_round("diloco"), 1e-9)}
+    out["bytes"]["met"] = out["bytes"]["ratio"] <= 1 / workers
+    (pi, ai), (pd, ad) = _peak(runs[best]), _peak(runs["diloco"])
+    if pi is not None and pd is not None:
+        out["memory"] = {"ist": pi, "diloco": pd, "ratio": pi / pd,
+                         "ist_above": ai, "diloco_above": ad,
+                         "ratio_above": None if not (ai and ad) else ai / ad}
+        out["memory"]["met"] = out["memory"]["ratio"] <= 0.5
+    return out
+
+
 def speedups(result: dict) -> list[tuple[float | None, float | None]]:
     """Per target: (best IST's speed-up over DDP, over local SGD), None where a side never got there."""
     metric, hib, runs = result["metric"], result["higher_is_better"], result["runs"]
     out = []
     for target in result["targets"]:
         hits = {m: reach(runs[m], metric, target, hib, keys=("train_seconds",)) for m in runs}
-        ist = [hits[m]["train_seconds"] for m in ("ist-ps", "ist-sharded") if hits.get(m)]
+        ist = [hits[m]["train_seconds"] for m in IST_METHODS if hits.get(m)]
         best = min(ist) if ist else None
         out.append(tuple(None if best is None or not hits.get(base) else hits[base]["train_seconds"] / max(best, 1e-9)
                          for base in ("ddp", "localsgd")))

@@ -50,7 +50,14 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import tta_tasks  # noqa: E402
 
-METHODS = ("ddp", "localsgd", "ist-ps", "ist-sharded")
+IST_VARIANTS = {  # method -> (topology, optimizer state, outer step, compression of what moves)
+    "ist-ps": ("ps", "reset", False, None), "ist-ps-carry": ("ps", "carry", False, None),
+    "ist-ps-outer": ("ps", "carry", True, None),
+    "ist-sharded": ("sharded", "reset", False, None), "ist-sharded-carry": ("sharded", "carry", False, None),
+    "ist-sharded-outer": ("sharded", "carry", True, None),
+    "ist-sharded-outer-int8": ("sharded", "carry", True, "int8"),
+}
+METHODS = ("ddp", "localsgd", "diloco", *IST_VARIANTS)
 
 
 def link_counters(iface: str | None) -> tuple[int, int] | None:
@@ -64,6 +71,18 @@ def link_counters(iface: str | None) -> tuple[int, int] | None:
                 fields = rest.split()
                 return int(fields[0]), int(fields[8])
     raise RuntimeError(f"interface {iface!r} not found in /proc/self/net/dev")
+
+
+def _status_mb(field: str) -> float | None:
+    """A memory field of /proc/self/status (``VmRSS``, ``VmHWM``) in MB, or None where there is none."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024 / 1e6
+    except OSError:
+        return None
+    return None
 
 
 def _parameter_bytes(model: torch.nn.Module) -> int:
@@ -162,23 +181,38 @@ class LocalSGD:
 
 
 class IST:
-    """istfx IST on ``TorchDistBackend``: one subnet per rank, `steps` local steps per round."""
+    """istfx IST on the torch backend: one subnet per rank, `steps` local steps per round.
+
+    ``state``: ``"reset"`` (a fresh optimizer per subnet per round) or
+    ``"carry"`` (momentum / Adam moments travel with their units); ``outer``:
+    DiLoCo's Nesterov step on each round's change (``--outer-lr``,
+    ``--outer-momentum``), else the plain write-back.
+    """
 
     def __init__(self, task: tta_tasks.Task, args: argparse.Namespace, rank: int, world: int,
-                 topology: str) -> None:
+                 topology: str, state: str = "reset", outer: bool = False, compress: str | None = None) -> None:
         import istfx
         from istfx.backends import SubnetResult
         from istfx.backends import TorchDistBackend
+        from istfx.runtime import optim_state
+        from istfx.runtime.state_travel import StateConfig
 
         self.ist = istfx.compile(task.model, subnets=world, example_inputs=task.example_inputs, seed=args.seed)
-        self.backend = TorchDistBackend(topology, timeout=args.timeout)
+        self.backend = TorchDistBackend(topology, timeout=args.timeout, compress=compress)
+        self.backend.configure_state(StateConfig(state, args.outer_lr if outer else 1.0,
+                                                 args.outer_momentum if outer else 0.0))
         self.backend.prepare(self.ist, 0)
         self.round, self.rank = 0, rank
         self.app_sent = 0.0
+        self.state, self.outer = state, outer
         batches = task.batches(rank, world)
 
         def train(index: int, subnet: torch.nn.Module) -> SubnetResult:
-            optimizer = task.optimizer([p for p in subnet.parameters() if p.requires_grad])
+            named = {n: p for n, p in subnet.named_parameters() if p.requires_grad}
+            optimizer = task.optimizer(list(named.values()))
+            carried = optim_state.attached(subnet)
+            if carried:
+                optim_state.load_into(optimizer, named, carried)
             loss_sum, samples = 0.0, 0
             for _ in range(self.steps):
                 x, y = next(batches)
@@ -188,7 +222,8 @@ class IST:
                 optimizer.step()
                 loss_sum += float(loss.detach()) * task.samples_per_batch
                 samples += task.samples_per_batch
-            return SubnetResult(samples=samples, loss_sum=loss_sum, correct=None, steps=self.steps)
+            return SubnetResult(samples=samples, loss_sum=loss_sum, correct=None, steps=self.steps,
+                                optimizer_state=optim_state.extract(optimizer, named) if state == "carry" else None)
 
         self.train = train
         self.steps = args.local_steps
@@ -208,11 +243,83 @@ class IST:
 
     def describe(self) -> dict:
         return {"topology": self.backend.topology, "parameters_full": self.plan.parameters_full,
-                "parameters_per_subnet": list(self.plan.parameters_per_subnet),
-                "bytes_by": "the backend's own count of the slices it sent"}
+                "parameters_per_subnet": list(self.plan.parameters_per_subnet), "optimizer_state": self.state,
+                "outer": self.outer, "compress": self.backend.compress, "bytes_by": "the backend's own count of the slices (and state) it sent"}
 
     def close(self) -> None:
         self.backend.close()
+
+
+class DiLoCo:
+    """torchft's DiLoCo, used as its users do: a Manager per replica, a lighthouse, ``DiLoCo(...)``.
+
+    Every worker is a replica group of one rank: it hosts its group's
+    ``TCPStore`` on its own address, its ``Manager`` joins the quorum through
+    the ``torchft_lighthouse`` that the driver runs in rank 0's namespace,
+    and every ``--local-steps`` inner steps ``torchft.local_sgd.DiLoCo``
+    all-reduces the pseudo-gradients (torchft's gloo process group over the
+    same links) and takes the outer Nesterov step.
+    """
+
+    def __init__(self, task: tta_tasks.Task, args: argparse.Namespace, rank: int, world: int) -> None:
+        from torch.distributed import TCPStore
+        from torchft import Manager, ProcessGroupGloo
+        from torchft.local_sgd import DiLoCo as TorchftDiLoCo
+
+        host = os.environ["ISTFX_TTA_ADDR"]
+        lighthouse = os.environ["TORCHFT_LIGHTHOUSE"]
+        base = int(os.environ["ISTFX_TTA_FT_PORT"])
+        self.model = task.model
+        self.inner = task.optimizer(list(self.model.parameters()))
+        self.outer = torch.optim.SGD(self.model.parameters(), lr=args.outer_lr, momentum=args.outer_momentum,
+                                     nesterov=True)
+        timeout = datetime.timedelta(seconds=args.timeout)
+        # The replica group's store (one rank per group: this process hosts it).
+        self.store = TCPStore(host, base + 1 + rank, is_master=True, wait_for_workers=False)
+
+        def state_dict() -> dict:
+            return {"model": self.model.state_dict(), "inner_optim": self.inner.state_dict()}
+
+        def load_state_dict(state: dict) -> None:
+            self.model.load_state_dict(state["model"])
+            self.inner.load_state_dict(state["inner_optim"])
+
+        self.manager = Manager(
+            pg=ProcessGroupGloo(timeout=timeout), min_replica_size=world, use_async_quorum=False,
+            load_state_dict=load_state_dict, state_dict=state_dict, replica_id=f"tta{rank}",
+            store_addr=host, store_port=base + 1 + rank, rank=0, world_size=1, lighthouse_addr=lighthouse,
+            hostname=host, port=base + 100 + rank, timeout=timeout, quorum_timeout=timeout,
+            connect_timeout=timeout,
+            init_sync=False,  # every replica starts from the same seeded weights
+        )
+        self.diloco = TorchftDiLoCo(self.manager, [self.model], self.inner, self.outer,
+                                    sync_every=args.local_steps, backup_device=torch.device("cpu"),
+                                    pin_memory=False)
+        self.diloco.__enter__()
+        self.loop = _Steps(task, rank, world)
+        self.world, self.period = world, args.local_steps
+        self.parameter_bytes = _parameter_bytes(task.model)
+        self.app_sent = 0.0
+
+    def chunk(self, steps: int) -> None:
+        from istfx.runtime import comm
+
+        self.loop.run(self.model, self.inner, steps)  # the inner optimizer's hook syncs every period
+        self.app_sent += comm.local_sgd_bytes(self.parameter_bytes, self.world, steps // self.period)
+
+    def scored_model(self):
+        return contextlib.nullcontext(self.model)
+
+    def describe(self) -> dict:
+        return {"parameter_bytes": self.parameter_bytes, "period": self.period,
+                "outer": f"SGD lr {self.outer.defaults['lr']} momentum {self.outer.defaults['momentum']} nesterov",
+                "bytes_by": "ring all-reduce of the pseudo-gradients per period"}
+
+    def close(self) -> None:
+        self.diloco.__exit__(None, None, None)
+        self.manager.shutdown(wait=False)
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def make_method(name: str, task: tta_tasks.Task, args: argparse.Namespace, rank: int, world: int):
@@ -221,8 +328,11 @@ def make_method(name: str, task: tta_tasks.Task, args: argparse.Namespace, rank:
         return DDP(task, args, rank, world)
     if name == "localsgd":
         return LocalSGD(task, args, rank, world)
-    if name in ("ist-ps", "ist-sharded"):
-        return IST(task, args, rank, world, name.split("-", 1)[1])
+    if name == "diloco":
+        return DiLoCo(task, args, rank, world)
+    if name in IST_VARIANTS:
+        topology, state, outer, compress = IST_VARIANTS[name]
+        return IST(task, args, rank, world, topology, state, outer, compress)
     raise SystemExit(f"unknown method {name!r}: use one of {', '.join(METHODS)}")
 
 
@@ -235,6 +345,7 @@ def run(args: argparse.Namespace) -> dict:
     rank, world = dist.get_rank(), dist.get_world_size()
     iface = os.environ.get("GLOO_SOCKET_IFNAME")
     task = tta_tasks.build(args)
+    rss_base = _status_mb("VmRSS")  # interpreter, torch, data and the model as built: the same for every method
     method = make_method(args.method, task, args, rank, world)
     dist.barrier()
     setup_seconds = time.perf_counter() - wall_start
@@ -289,6 +400,7 @@ def run(args: argparse.Namespace) -> dict:
         "rank": rank, "world": world, "method": args.method, "iface": iface, "points": points,
         "setup_seconds": setup_seconds, "eval_seconds": eval_seconds,
         "wall_seconds": time.perf_counter() - wall_start, "method_info": method.describe(),
+        "rss_base_mb": rss_base, "rss_peak_mb": _status_mb("VmHWM"),
         "task_info": task.info if rank == 0 else None,
     }
     if hasattr(method, "close"):
@@ -314,6 +426,8 @@ def add_task_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n-layer", type=int, default=4)
     parser.add_argument("--n-head", type=int, default=8)
     parser.add_argument("--n-embd", type=int, default=128)
+    parser.add_argument("--outer-lr", type=float, default=0.7, help="DiLoCo (and IST's outer step): outer lr")
+    parser.add_argument("--outer-momentum", type=float, default=0.9, help="DiLoCo / IST outer Nesterov momentum")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--budget", type=float, default=120.0, help="training seconds (rank 0's clock)")
     parser.add_argument("--points", type=int, default=30, help="evaluations spread over the budget")

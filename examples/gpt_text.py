@@ -14,6 +14,14 @@ Run (about 2 minutes on 2 cores)::
 
     python examples/gpt_text.py                  # --steps 300 --subnets 2 4
     python examples/gpt_text.py --steps 60       # a quick look
+    python examples/gpt_text.py --weight-decay 0.1 --warmup-steps 30 --lr-schedule cosine --clip-grad-norm 1 \
+        --optimizer-state carry --outer-lr 0.7 --outer-momentum 0.9
+
+The optimizer is AdamW (betas 0.9, 0.99) with the flags' weight decay,
+warm-up, schedule and clipping, the same for full training and for every
+subnet; IST carries AdamW's moments with their units by default
+(``--optimizer-state reset`` restarts them every round) and can take
+DiLoCo's outer step on each round's change.
 
 Each subnet takes as many optimizer steps on its own batches as the full
 model does, so IST sees S times the data of full training; it also runs
@@ -38,6 +46,7 @@ import torch
 import istfx
 from istfx.models import GPT, GPTConfig
 from istfx.models.gpt import lm_loss
+from istfx.runtime.optimizers import StepControl, TrainingRecipe
 
 
 # -- data ------------------------------------------------------------------------
@@ -129,13 +138,22 @@ def width_scaled(ist: istfx.ISTModel, factor: float):
                 ist.state_tensor(n).copy_(value)
 
 
-def train_full(model: GPT, train: RandomWindows, val: list, steps: int, lr: float) -> dict:
+def recipe_from(args: argparse.Namespace) -> TrainingRecipe:
+    """The AdamW recipe of the flags: the same for full training and for every subnet."""
+    return TrainingRecipe(optimizer="adamw", lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay,
+                          warmup_steps=args.warmup_steps, lr_schedule=args.lr_schedule,
+                          clip_grad_norm=args.clip_grad_norm, optimizer_state=args.optimizer_state,
+                          outer_lr=args.outer_lr, outer_momentum=args.outer_momentum)
+
+
+def train_full(model: GPT, train: RandomWindows, val: list, steps: int, recipe: TrainingRecipe) -> dict:
     """Plain training of the whole model; returns the final validation loss and the time."""
-    optimizer = adamw(lr)(list(model.parameters()))
+    optimizer = recipe.build(list(model.parameters()))
+    control = StepControl(recipe.schedule(steps), recipe.clip_grad_norm)
     batches = iter(train)
     model.train()
     start = time.perf_counter()
-    for _ in range(steps):
+    for step in range(steps):
         try:
             x, y = next(batches)
         except StopIteration:
@@ -144,20 +162,20 @@ def train_full(model: GPT, train: RandomWindows, val: list, steps: int, lr: floa
         loss = lm_loss(model(x), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        control.before_step(optimizer, step)
         optimizer.step()
     seconds = time.perf_counter() - start
     return {"val_loss": val_loss(model, val), "seconds": seconds, "steps": steps}
 
 
 def train_ist(model: GPT, subnets: int, train: RandomWindows, val: list, steps: int, local_steps: int,
-              lr: float, example: torch.Tensor) -> dict:
+              recipe: TrainingRecipe, example: torch.Tensor) -> dict:
     """IST with `subnets` subnets: heads and MLP units dealt out, d_model shared."""
     ist = istfx.compile(model, subnets=subnets, example_inputs=(example,))
     rounds = max(1, steps // local_steps)
     start = time.perf_counter()
-    history = istfx.fit(ist, train, rounds=rounds, local_steps=local_steps, optimizer=adamw(lr),
-                        loss_fn=lm_loss, eval_data=val, eval_every=rounds, carry_optimizer_state=True,
-                        progress=False)
+    history = istfx.fit(ist, train, rounds=rounds, local_steps=local_steps, loss_fn=lm_loss, eval_data=val,
+                        eval_every=rounds, progress=False, **recipe.fit_kwargs(total_steps=rounds * local_steps))
     seconds = time.perf_counter() - start
     with width_scaled(ist, 1.0 / subnets) as scaled:
         scaled_loss = val_loss(scaled, val)
@@ -170,7 +188,15 @@ def add_gpt_arguments(parser: argparse.ArgumentParser) -> None:
     """The model, optimizer and IST options this example shares with ``benchmarks/gpt_ist.py``."""
     parser.add_argument("--local-steps", type=int, default=10, help="IST: steps per subnet per round")
     parser.add_argument("--subnets", type=int, nargs="+", default=[2, 4])
-    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--lr", type=float, default=3e-3, help="AdamW's peak learning rate (betas 0.9, 0.99)")
+    parser.add_argument("--weight-decay", type=float, default=0.0)
+    parser.add_argument("--warmup-steps", type=int, default=0)
+    parser.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant")
+    parser.add_argument("--clip-grad-norm", type=float, default=None)
+    parser.add_argument("--optimizer-state", choices=("carry", "reset"), default="carry",
+                        help="IST: AdamW's moments travel with their units (carry) or restart every round")
+    parser.add_argument("--outer-lr", type=float, default=1.0, help="IST: outer Nesterov step (DiLoCo: 0.7)")
+    parser.add_argument("--outer-momentum", type=float, default=0.0, help="IST: outer momentum (DiLoCo: 0.9)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--block-size", type=int, default=64)
     parser.add_argument("--n-layer", type=int, default=4)
@@ -199,13 +225,15 @@ def main(argv: list[str] | None = None) -> dict:
 
     results = {}
     model = _fresh(config, initial)
+    recipe = recipe_from(args)
+    print(f"optimizer: {recipe.describe()}")
     results["full"] = train_full(model, RandomWindows(train_tokens, args.block_size, args.batch_size, args.seed),
-                                 val, args.steps, args.lr)
+                                 val, args.steps, recipe)
     _report("full", results["full"])
     for s in args.subnets:
         model = _fresh(config, initial)
         train = RandomWindows(train_tokens, args.block_size, args.batch_size, args.seed)
-        results[f"ist{s}"] = train_ist(model, s, train, val, args.steps, args.local_steps, args.lr, example)
+        results[f"ist{s}"] = train_ist(model, s, train, val, args.steps, args.local_steps, recipe, example)
         _report(f"IST S={s}", results[f"ist{s}"])
         sample = model.generate(torch.tensor([list(b"The ")]), 60, top_k=8,
                                 generator=torch.Generator().manual_seed(0))

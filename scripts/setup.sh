@@ -10,5 +10,7 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q "torch==${TORCH_VERSION:-2.13.0}"
 .venv/bin/python -m pip install -q -e ".[test]"
+# The benchmarks' extras (matplotlib, torchft for DiLoCo); torchft installs next to the pinned torch.
+.venv/bin/python -m pip install -q -e ".[bench]"
 # DeepSpeed builds against the torch above only without build isolation (else it may fetch a CUDA torch).
 .venv/bin/python -m pip install -q --no-build-isolation "deepspeed${DEEPSPEED_VERSION:-==0.19.8}"

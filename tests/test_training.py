@@ -419,14 +419,11 @@ def test_fit_uses_the_contract_and_nothing_else(tmp_path):
     assert history[0]["ddp_bytes_per_rank"] == comm.data_parallel_bytes(param_bytes, 5, steps=1)
 
 
-def test_backends_that_train_elsewhere_refuse_carried_optimizer_state():
-    class Remote(Sequential):
-        carries_optimizer_state = False
-
+def test_backends_without_state_travel_refuse_carried_optimizer_state_and_the_outer_step():
     ist, _ = small_ist(subnets=2)
-    with pytest.raises(ISTError, match="carry_optimizer_state needs"):
-        fit(ist, small_batches(), rounds=1, local_steps=1, backend=Remote(), carry_optimizer_state=True,
-            progress=False)
+    for kwargs in ({"carry_optimizer_state": True}, {"optimizer_state": "carry"}, {"outer_lr": 0.7}):
+        with pytest.raises(ISTError, match="keeps no optimizer state"):
+            fit(ist, small_batches(), rounds=1, local_steps=1, backend=Sequential(), progress=False, **kwargs)
 
 
 def test_an_object_that_is_not_a_backend_is_refused_with_the_contract_to_implement():

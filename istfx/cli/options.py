@@ -15,8 +15,8 @@ from typing import Any
 
 from istfx.cli.loader import MODEL_FILE_HELP
 
-__all__ = ["BACKEND_OPTIONS", "add_compile_options", "check_backend_options", "compile_kwargs",
-           "configure_inspect", "configure_train", "fractions", "number", "positive_int"]
+__all__ = ["BACKEND_OPTIONS", "add_compile_options", "add_optimizer_options", "betas", "check_backend_options",
+           "compile_kwargs", "configure_inspect", "configure_train", "fractions", "non_negative_int", "number", "positive_int"]
 
 
 def positive_int(text: str) -> int:
@@ -27,6 +27,17 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """An argparse type: an int >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
     return value
 
 
@@ -186,9 +197,6 @@ def configure_train(p: argparse.ArgumentParser) -> None:
     t.add_argument("--data", choices=("auto", "digits"), default="auto",
                    help="auto: the file's train_batches() or train_data() when it defines one, else "
                         "scikit-learn's digits (default); digits: the digits whatever the file defines")
-    t.add_argument("--lr", type=number(above=0.0), default=0.1, help="SGD learning rate (default: 0.1)")
-    t.add_argument("--momentum", type=number(minimum=0.0), default=0.9,
-                   help="SGD momentum, reset every round (default: 0.9)")
     t.add_argument("--batch-size", type=positive_int, default=32, help="batch size of each subnet (default: 32)")
     t.add_argument("--no-shard", action="store_true", help="every subnet draws from the whole training set")
     t.add_argument("--eval-every", type=positive_int, default=1,
@@ -196,6 +204,8 @@ def configure_train(p: argparse.ArgumentParser) -> None:
     t.add_argument("--threads", type=positive_int, default=None,
                    help="torch threads per process (default: cores / processes)")
     t.add_argument("-q", "--quiet", action="store_true", help="no start-up or per-round lines (errors only)")
+
+    add_optimizer_options(p)
 
     o = p.add_argument_group("checkpoints and output")
     o.add_argument("--checkpoint-dir", default=None, help="where checkpoints go")
@@ -241,6 +251,46 @@ def configure_train(p: argparse.ArgumentParser) -> None:
                     help="micro-batches per rank per optimizer step (default: 1)")
     ds.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
                     help="engine precision (default: fp32; fp16 needs a GPU)")
+
+
+def betas(text: str) -> tuple[float, float]:
+    """An argparse type: two numbers, ``0.9,0.95``."""
+    parts = text.replace(",", " ").split()
+    try:
+        values = tuple(float(part) for part in parts)
+    except ValueError:
+        values = ()
+    if len(values) != 2:
+        raise argparse.ArgumentTypeError(f"expected two numbers like 0.9,0.95, got {text!r}")
+    return values  # type: ignore[return-value]
+
+
+def add_optimizer_options(p: argparse.ArgumentParser) -> None:
+    """How every subnet is optimized (``istfx.runtime.optimizers.TrainingRecipe``): the inner optimizer, its
+    schedule and clipping, whether its state travels with the units, and the outer step on the write-back."""
+    g = p.add_argument_group("optimizer (every backend)")
+    g.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd",
+                   help="inner optimizer of every subnet (default: sgd)")
+    g.add_argument("--lr", type=number(above=0.0), default=0.1, help="peak learning rate (default: 0.1)")
+    g.add_argument("--momentum", type=number(minimum=0.0), default=0.9, help="SGD momentum (default: 0.9)")
+    g.add_argument("--weight-decay", type=number(minimum=0.0), default=0.0,
+                   help="SGD's L2 / AdamW's decoupled weight decay (default: 0)")
+    g.add_argument("--betas", type=betas, default=(0.9, 0.999), metavar="B1,B2",
+                   help="AdamW's betas (default: 0.9,0.999)")
+    g.add_argument("--warmup-steps", type=non_negative_int, default=0,
+                   help="linear learning-rate warm-up over this many steps per subnet (default: 0)")
+    g.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
+                   help="after the warm-up: constant, or a cosine decay to 0 at the last step (default: constant)")
+    g.add_argument("--clip-grad-norm", type=number(above=0.0), default=None, metavar="NORM",
+                   help="clip every step's gradient to this L2 norm (default: off)")
+    g.add_argument("--optimizer-state", choices=("reset", "carry"), default="reset",
+                   help="carry: momentum and Adam moments travel with their units across rounds; reset: a fresh "
+                        "optimizer every round, as in the IST paper (default: reset)")
+    g.add_argument("--outer-lr", type=number(above=0.0), default=1.0,
+                   help="outer Nesterov step on each round's change, as DiLoCo's (e.g. 0.7; default 1: the plain "
+                        "write-back)")
+    g.add_argument("--outer-momentum", type=number(minimum=0.0), default=0.0,
+                   help="outer Nesterov momentum (e.g. 0.9; default 0)")
 
 
 def check_backend_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:

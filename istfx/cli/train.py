@@ -294,12 +294,14 @@ def _fit_kwargs(args: argparse.Namespace, loaded: ModelFile, test) -> dict:
     import torch
     from torch.utils.data import DataLoader
 
-    lr, momentum = args.lr, args.momentum
+    from istfx.runtime.optimizers import from_args
+
+    recipe = from_args(args)
     eval_batches = loaded.function("eval_batches")
     return dict(
         rounds=args.rounds,
         local_steps=args.local_steps,
-        optimizer=lambda params: torch.optim.SGD(params, lr=lr, momentum=momentum),
+        **recipe.fit_kwargs(total_steps=args.rounds * args.local_steps),
         loss_fn=loaded.value("loss_fn") or torch.nn.functional.cross_entropy,
         eval_data=(eval_batches() if eval_batches
                    else DataLoader(test, batch_size=512, shuffle=False) if test is not None else None),

@@ -50,6 +50,7 @@ from torch import nn
 from istfx.core.compiler import ISTModel, ReassembleReport
 from istfx.errors import ISTError
 from istfx.runtime import checkpoint as ckpt
+from istfx.runtime.state_travel import StateConfig
 
 __all__ = [
     "BACKENDS",
@@ -281,9 +282,8 @@ class Backend(ABC):
     topology: str | None = None
     """How the ranks are organised (``"ps"``, ``"sharded"``), recorded in checkpoint manifests; None here."""
 
-    carries_optimizer_state: ClassVar[bool] = True
-    """Whether ``fit(carry_optimizer_state=True)`` works: every subnet's results (and the optimizer
-    state in them) come back to this process. False for backends that train subnets elsewhere."""
+    state_config: StateConfig = StateConfig()
+    """What the backend keeps between rounds (set by :meth:`configure_state`): reset state, plain write-back."""
 
     # -- identity ---------------------------------------------------------------------------
     @property
@@ -308,6 +308,21 @@ class Backend(ABC):
     def make_stepper(self, subnet: nn.Module, optimizer: torch.optim.Optimizer) -> SubnetStepper:
         """How `subnet` takes its optimizer steps this round (default: plain PyTorch, :class:`OptimizerStep`)."""
         return OptimizerStep(subnet, optimizer)
+
+    def configure_state(self, config: StateConfig) -> None:
+        """Keep optimizer state and/or take the outer step across rounds (``fit(optimizer_state=...,
+        outer_lr=..., outer_momentum=...)``; called once, before :meth:`prepare`, on every process).
+
+        A backend that supports it hands each subnet its carried state with
+        :func:`istfx.runtime.optim_state.attach` and takes back
+        ``SubnetResult.optimizer_state`` (:mod:`istfx.runtime.state_travel`).
+        Default: only the plain configuration is accepted.
+        """
+        if not config.plain:
+            raise ISTError(f"the {self.name!r} backend keeps no optimizer state or outer momentum between rounds: "
+                           "use optimizer_state='reset', outer_lr=1 and outer_momentum=0 with it, or a backend "
+                           "that implements configure_state (local, torch ps/sharded, deepspeed).")
+        self.state_config = config
 
     def prepare(self, ist: ISTModel, start_round: int = 0,
                 checkpoint: ckpt.Checkpoint | None = None) -> RankState | None:

@@ -16,11 +16,14 @@ Each round the backend cuts the model into subnets, every subnet takes
 (weighted by the samples each saw). Evaluation runs on the full model.
 
 Optimizer state is reset every round by default (a new optimizer per subnet
-per round, as in the IST paper). With ``carry_optimizer_state=True`` a
-full-size copy of every per-parameter state tensor (SGD momentum, Adam
-moments, ...) is kept: each round it is cut like the parameters
-(:meth:`RoundSlices.take`) and loaded into the subnets' new optimizers, then
-written back (:meth:`RoundSlices.put`) after training.
+per round, as in the IST paper). With ``optimizer_state="carry"`` the
+per-parameter state (SGD momentum, Adam moments, ...) travels with its units
+on every backend (:mod:`istfx.runtime.optim_state`): the backend hands each
+subnet its slice of the state, the subnet's new optimizer starts from it, and
+the trained state comes back with the trained parameters. ``outer_lr`` /
+``outer_momentum`` take DiLoCo's outer Nesterov step on each round's change
+(:mod:`istfx.runtime.outer`); ``lr_schedule`` and ``clip_grad_norm`` act
+before every optimizer step (:mod:`istfx.runtime.optimizers`).
 
 With a distributed backend (``backend="torch"`` or a
 :class:`istfx.backends.TorchDistBackend`) every rank calls ``fit`` with the
@@ -54,6 +57,9 @@ from torch import nn
 from istfx.core.compiler import ISTModel
 from istfx.core.slicing import RoundSlices
 from istfx.errors import ISTError
+from istfx.runtime import optim_state
+from istfx.runtime.optimizers import StepControl
+from istfx.runtime.state_travel import StateConfig
 from istfx.runtime import checkpoint as ckpt
 from istfx.runtime.data import IGNORE_INDEX
 from istfx.runtime import comm
@@ -257,68 +263,11 @@ def _named_parameters(ist: ISTModel, subnet: nn.Module) -> dict[str, nn.Paramete
     return out
 
 
-class _OptimizerState:
-    """Full-size optimizer state kept between rounds, keyed by parameter name.
-
-    Tensors shaped like their parameter are cut and written back like the
-    parameter itself (momentum, Adam moments); scalars (Adam's ``step``) are
-    kept as the maximum over subnets. Other entries are not carried.
-    """
+class _OptimizerState(optim_state.FullState):
+    """Full-size optimizer state over `ist`'s tensors (:class:`istfx.runtime.optim_state.FullState`)."""
 
     def __init__(self, ist: ISTModel) -> None:
-        self.ist = ist
-        self.full: dict[str, dict[str, torch.Tensor]] = {}  # name -> key -> full-size tensor
-        self.scalars: dict[str, dict[str, Any]] = {}  # name -> key -> max over subnets
-        self.dropped: set[str] = set()
-
-    def for_subnet(self, slices: RoundSlices, subnet: int) -> dict[str, dict[str, Any]]:
-        """The slice of the state subnet `subnet` holds in the round of `slices`."""
-        out: dict[str, dict[str, Any]] = {}
-        for name in set(self.full) | set(self.scalars):
-            entry: dict[str, Any] = {}
-            for key, full in self.full.get(name, {}).items():
-                entry[key] = slices.take(name, full, subnet)
-            for key, value in self.scalars.get(name, {}).items():
-                entry[key] = value.clone() if isinstance(value, torch.Tensor) else value
-            out[name] = entry
-        return out
-
-    def write_back(self, slices: RoundSlices, states: list[tuple[int, dict[str, dict[str, Any]], float]]) -> None:
-        """Write subnets' trained state back: ``states`` holds (subnet, state, weight)."""
-        shapes = self.ist.plan.state_shapes
-        parts: dict[tuple[str, str], list[tuple[int, torch.Tensor, float]]] = {}
-        for subnet, state, weight in states:
-            for name, entry in state.items():
-                if name not in shapes:
-                    continue
-                held = tuple(len(i) if i is not None else size
-                             for size, i in zip(shapes[name], slices.indices[subnet][name]))
-                for key, value in entry.items():
-                    if isinstance(value, torch.Tensor) and tuple(value.shape) == held and len(held) > 0:
-                        parts.setdefault((name, key), []).append((subnet, value.detach(), weight))
-                    elif not isinstance(value, torch.Tensor) or value.numel() == 1:
-                        scalars = self.scalars.setdefault(name, {})
-                        old = scalars.get(key)
-                        if old is None or _greater(value, old):
-                            scalars[key] = value.detach().clone() if isinstance(value, torch.Tensor) else value
-                    else:
-                        self.dropped.add(f"{name}[{key!r}]")
-        home = self.ist.state_tensor
-        with torch.no_grad():
-            for (name, key), values in parts.items():
-                entries = self.full.setdefault(name, {})
-                if key not in entries:
-                    param = home(name)
-                    entries[key] = torch.zeros(shapes[name], dtype=values[0][1].dtype, device=param.device)
-                full = entries[key]
-                slices.put(name, full, [(s, v.to(full.device), w) for s, v, w in values])
-
-
-def _greater(a: Any, b: Any) -> bool:
-    try:
-        return bool(a > b)
-    except (TypeError, RuntimeError):
-        return False
+        super().__init__(ist.plan.state_shapes)
 
 
 # -- the local-training closure -------------------------------------------------
@@ -336,6 +285,7 @@ class _SubnetTrainer:
         carry: bool,
         make_stepper: StepperFactory = OptimizerStep,
         draws: int = 1,
+        control: StepControl | None = None,
     ) -> None:
         self.ist = ist
         self.make_stepper = make_stepper
@@ -349,7 +299,7 @@ class _SubnetTrainer:
         self.loss_fn = loss_fn
         self.device = device
         self.carry = carry
-        self.initial_state: list[dict[str, dict[str, Any]]] | None = None  # per subnet, set each round
+        self.control = control or StepControl()
 
     def positions(self, slots: Iterable[int]) -> dict[str, int]:
         """Batches each of `slots` has drawn so far (saved in checkpoints)."""
@@ -376,15 +326,11 @@ class _SubnetTrainer:
         named = _named_parameters(self.ist, subnet)
         trainable = {n: p for n, p in named.items() if p.requires_grad}
         optimizer = self.optimizer(list(trainable.values()))
-        if self.carry and self.initial_state is not None:
-            for name, entry in self.initial_state[index].items():
-                if name in trainable and entry:
-                    param = trainable[name]
-                    optimizer.state[param] = {  # scalars such as Adam's step stay where they were
-                        k: v.to(param.device) if isinstance(v, torch.Tensor) and v.dim() > 0 else v
-                        for k, v in entry.items()
-                    }
-        stepper = self.make_stepper(subnet, optimizer)
+        carried = optim_state.attached(subnet)  # the backend hands over the state the subnet's units carry
+        if self.carry and carried:
+            optim_state.load_into(optimizer, trainable, carried)
+        first_step = self.batches[index].consumed // self.draws
+        stepper = self.control.wrap(self.make_stepper(subnet, optimizer), optimizer, first_step)
         loss_sum, correct, counted, samples = 0.0, 0, 0, 0
         for _ in range(self.local_steps):
             for draw in range(self.draws):
@@ -405,13 +351,7 @@ class _SubnetTrainer:
                     counted += n
             stepper.step()
         stepper.finish()
-        state = None
-        if self.carry:
-            state = {}
-            for name, param in trainable.items():
-                entry = optimizer.state.get(param)
-                if entry:
-                    state[name] = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in entry.items()}
+        state = optim_state.extract(optimizer, trainable) if self.carry else None
         return SubnetResult(
             samples=samples,
             loss_sum=loss_sum,
@@ -463,6 +403,11 @@ def fit(
     metrics_path: str | os.PathLike | None = None,
     progress: bool = True,
     carry_optimizer_state: bool = False,
+    optimizer_state: str | None = None,
+    outer_lr: float = 1.0,
+    outer_momentum: float = 0.0,
+    lr_schedule: Callable[[int], float] | None = None,
+    clip_grad_norm: float | None = None,
     device: torch.device | str | None = None,
     checkpoint_dir: str | os.PathLike | None = None,
     checkpoint_every: int = 0,
@@ -503,10 +448,21 @@ def fit(
         metrics_path: if given, each round's metrics are appended to this
             file as one JSON line.
         progress: show a tqdm progress bar (only on a terminal).
-        carry_optimizer_state: keep per-parameter optimizer state (momentum,
-            Adam moments) across rounds, cut and written back like the
-            parameters; by default each round starts a fresh optimizer.
-            Local backend only.
+        carry_optimizer_state: the same as ``optimizer_state="carry"``.
+        optimizer_state: ``"reset"`` (default: a fresh optimizer per subnet
+            per round, as in the IST paper) or ``"carry"``: per-parameter
+            optimizer state (momentum, Adam moments) travels with its units,
+            cut and written back like the parameters
+            (:mod:`istfx.runtime.optim_state`), on every backend.
+        outer_lr, outer_momentum: DiLoCo's outer Nesterov step on each
+            round's change (:mod:`istfx.runtime.outer`; e.g. 0.7 and 0.9);
+            1 and 0 (default) is the plain write-back.
+        lr_schedule: ``step -> multiplier`` of each optimizer group's
+            learning rate before step ``step`` (counted per subnet slot over
+            the whole run), e.g. ``TrainingRecipe(...).schedule(total)``
+            (:mod:`istfx.runtime.optimizers`); None: constant.
+        clip_grad_norm: clip each step's gradient (of the subnet's
+            parameters) to this L2 norm; None: off.
         device: where subnets train (default: the model's device); the model
             itself stays where it is and is evaluated there.
         checkpoint_dir: where checkpoints go (:mod:`istfx.runtime.checkpoint`).
@@ -532,15 +488,19 @@ def fit(
     _check_arguments(ist, train_data, rounds=rounds, local_steps=local_steps, eval_every=eval_every,
                      optimizer=optimizer, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
                      resume=resume, resume_if_present=resume_if_present)
+    state_config = _state_config(carry_optimizer_state, optimizer_state, outer_lr, outer_momentum, lr_schedule,
+                                 clip_grad_norm)
+    if (resume or resume_if_present) and not state_config.plain:
+        raise ISTError("resume: checkpoints do not hold the carried optimizer state or the outer momentum yet, so "
+                       "a resumed run would leave its trajectory; resume with optimizer_state='reset' and no outer "
+                       "step, or start again.")
     runner = resolve_backend(backend)
-    if carry_optimizer_state and not runner.carries_optimizer_state:
-        raise ISTError("carry_optimizer_state needs the full-size optimizer state in one process: "
-                       "use the local backend, or train without it.")
+    runner.configure_state(state_config)  # raises for a backend that cannot keep it
     device = torch.device(device) if device is not None else None
 
-    trainer = _SubnetTrainer(ist, train_data, local_steps, optimizer, loss_fn, device, carry_optimizer_state,
-                             make_stepper=runner.make_stepper, draws=runner.draws_per_step)
-    opt_state = _OptimizerState(ist) if carry_optimizer_state else None
+    trainer = _SubnetTrainer(ist, train_data, local_steps, optimizer, loss_fn, device, state_config.carry,
+                             make_stepper=runner.make_stepper, draws=runner.draws_per_step,
+                             control=StepControl(lr_schedule, clip_grad_norm))
     dataset_size = None if _per_subnet(train_data) else _dataset_size(train_data)
     parameter_bytes = model_parameter_bytes(ist)  # before prepare: ranks may drop the model's storage
     history = History()
@@ -561,17 +521,7 @@ def fit(
                           keep_before=start_round if resume else None)
         for round in bar:
             start = time.perf_counter()
-            slices = None
-            if opt_state is not None:
-                slices = ist.slices(round)  # the same assignment decompose(round) uses
-                trainer.initial_state = [opt_state.for_subnet(slices, s) for s in range(ist.plan.subnets)]
             result = runner.run_round(ist, round, trainer)
-            if opt_state is not None:
-                accepted = set(result.report.accepted)
-                opt_state.write_back(slices, [
-                    (s, r.optimizer_state, float(max(r.samples, 1)))
-                    for s, r in enumerate(result.results) if s in accepted and r.optimizer_state
-                ])
             samples_total += result.samples
             scores = None
             if eval_data is not None and ((round + 1) % eval_every == 0 or round == rounds - 1):
@@ -594,6 +544,20 @@ def fit(
             )
     runner.finish(ist)
     return history
+
+
+def _state_config(carry_optimizer_state: bool, optimizer_state: str | None, outer_lr: float, outer_momentum: float,
+                  lr_schedule: Any, clip_grad_norm: Any) -> StateConfig:
+    """What the backend keeps between rounds, from :func:`fit`'s arguments (refusing bad ones)."""
+    if carry_optimizer_state and optimizer_state not in (None, "carry"):
+        raise ISTError(f"carry_optimizer_state=True and optimizer_state={optimizer_state!r} disagree: "
+                       "pass optimizer_state only.")
+    if clip_grad_norm is not None and not clip_grad_norm > 0:
+        raise ISTError(f"clip_grad_norm must be > 0 (or None: off), got {clip_grad_norm!r}.")
+    if lr_schedule is not None and not callable(lr_schedule):
+        raise ISTError("lr_schedule must be a function step -> learning-rate multiplier, e.g. "
+                       "TrainingRecipe(lr_schedule='cosine').schedule(rounds * local_steps).")
+    return StateConfig("carry" if carry_optimizer_state else (optimizer_state or "reset"), outer_lr, outer_momentum)
 
 
 def _check_arguments(ist: Any, train_data: Any, *, rounds: Any, local_steps: Any, eval_every: Any, optimizer: Any,

@@ -89,6 +89,16 @@ class HeadsPass:
                 if inside:
                     per = max(inside, key=lambda o: len({m.tensor for m in o.members})).units
                     roles[g.id] = Role(HEADS, f"{g.units} KV groups of {per} query heads")
+                    continue
+                # A projection packed per KV group (Falcon's [q_1 .. q_r, k, v]) is taken apart piece by piece, so
+                # the query heads inside a unit are a selected axis; they are the one that reaches another weight
+                # (the output projection), while k and v stay inside the packed projection.
+                queries = [o for o in groups if roles[o.id].name == OTHER and o.id != g.id
+                           and any(r.startswith(SELECTED) for r in self._reasons(o)[0])
+                           and len({m.tensor.rsplit(".", 1)[0] for m in o.members
+                                    if m.unit > 1 and m.tensor in tensors}) >= 2]
+                if queries:
+                    roles[g.id] = Role(HEADS, f"{g.units} KV groups of {max(o.units for o in queries)} query heads")
         return roles
 
     def _reasons(self, g: Group) -> tuple[list[str], list[str]]:

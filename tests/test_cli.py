@@ -295,7 +295,7 @@ def test_compile_options_are_the_compilers():
 # A value other than the default for every option of `istfx train`.
 EVERY_TRAIN_FLAG = [
     "--subnets", "3", "--policy", "overlap(0.5)", "--sizes", "0.5,0.3,0.2", "--seed", "7", "--strict",
-    "--split-inner", "--split-approximate", "--blocks", "layers.*", "--min-depth", "2", "--no-width",
+    "--split-inner", "--split-approximate", "--dynamic", "batch", "--blocks", "layers.*", "--min-depth", "2", "--no-width",
     "--depth-scaling", "train", "--shortcut-blocks", "drop", "--group-blocks", "layers.*", "--backend", "torch",
     "--rounds", "11", "--local-steps", "4", "--data", "digits", "--lr", "0.05", "--momentum", "0.5",
     "--optimizer", "adamw", "--weight-decay", "0.1", "--betas", "0.9,0.95", "--warmup-steps", "5",

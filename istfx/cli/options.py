@@ -68,7 +68,7 @@ def fractions(text: str) -> list[float]:
 
 # -- compile options (inspect and train) ---------------------------------------------------
 _COMPILE_DESTS = ("subnets", "policy", "sizes", "seed", "strict", "split_inner", "split_approximate",
-                  "blocks", "min_depth", "width", "depth_scaling", "shortcut_blocks", "group_blocks")
+                  "blocks", "min_depth", "width", "depth_scaling", "shortcut_blocks", "group_blocks", "dynamic")
 
 
 def add_compile_options(p: argparse.ArgumentParser) -> None:
@@ -92,6 +92,9 @@ def add_compile_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--split-approximate", action="store_true",
                    help="also split approximate groups (e.g. d_model under LayerNorm): valid narrower "
                         "subnets, not mask-equivalent")
+    g.add_argument("--dynamic", choices=("auto", "all", "batch", "static"), default="auto",
+                   help="input dims subnets accept at any size: auto (batch and every dim the model accepts at "
+                        "another size, image sides static; default), all, batch (dim 0 only), static")
     depth = p.add_argument_group("depth (ResIST: residual blocks dealt out among subnets)")
     depth.add_argument("--blocks", metavar="GLOB", default=None,
                        help="deal out the residual blocks whose module path matches GLOB, e.g. '*' or "

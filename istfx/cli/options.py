@@ -16,7 +16,8 @@ from typing import Any
 from istfx.cli.loader import MODEL_FILE_HELP
 
 __all__ = ["BACKEND_OPTIONS", "add_compile_options", "add_optimizer_options", "betas", "check_backend_options",
-           "compile_kwargs", "configure_inspect", "configure_train", "fractions", "non_negative_int", "number", "positive_int"]
+           "compile_kwargs", "configure_inspect", "configure_train", "fractions", "non_negative_int", "number",
+           "positive_int"]
 
 
 def positive_int(text: str) -> int:

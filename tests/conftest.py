@@ -319,3 +319,33 @@ def check_interface(ist: istfx.ISTModel, variants: list[Inputs], round: int = 0,
                     assert g.dtype == e.dtype
                     if g.is_floating_point():
                         assert torch.isfinite(g).all()
+
+
+# A model file (the contract of istfx train) of a 64 -> 48 (BatchNorm with running statistics) -> 40 -> 10
+# MLP: fc2 is cut along both axes, so under sharded its idle blocks park at home ranks.
+BN_MLP_MODEL_FILE = '''
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    """64 -> 48 (BatchNorm with running statistics) -> 40 -> 10."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(64, 48)
+        self.bn1 = nn.BatchNorm1d(48)
+        self.fc2 = nn.Linear(48, 40)
+        self.fc3 = nn.Linear(40, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.fc1(x)))
+        return self.fc3(torch.relu(self.fc2(x)))
+
+
+def build_model():
+    return Net()
+
+
+example_inputs = (torch.randn(8, 64),)
+'''

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import BN_MLP_MODEL_FILE
 
 import istfx
 from istfx.runtime import checkpoint, comm
@@ -33,32 +34,7 @@ import sklearn  # noqa: F401  (the default data, scikit-learn's digits; in the t
 assert torch.distributed.is_available() and torch.distributed.is_gloo_available(), \
     "the torch backend runs on torch.distributed with gloo; this torch build has neither"
 
-MODEL = '''
-import torch
-from torch import nn
-
-
-class Net(nn.Module):
-    """64 -> 48 (BatchNorm with running statistics) -> 40 -> 10."""
-
-    def __init__(self):
-        super().__init__()
-        self.fc1 = nn.Linear(64, 48)
-        self.bn1 = nn.BatchNorm1d(48)
-        self.fc2 = nn.Linear(48, 40)
-        self.fc3 = nn.Linear(40, 10)
-
-    def forward(self, x):
-        x = torch.relu(self.bn1(self.fc1(x)))
-        return self.fc3(torch.relu(self.fc2(x)))
-
-
-def build_model():
-    return Net()
-
-
-example_inputs = (torch.randn(8, 64),)
-'''
+MODEL = BN_MLP_MODEL_FILE
 
 FAULTS = '''
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import BN_MLP_MODEL_FILE
 from torch import nn
 
 import istfx
@@ -177,32 +178,7 @@ def test_one_subnet_distributed_backend_is_the_plain_loop(one_subnet, backend, d
 
 
 # -- (b) one command, every backend --------------------------------------------------------------------
-NET = '''
-import torch
-from torch import nn
-
-
-class Net(nn.Module):
-    """64 -> 48 (BatchNorm) -> 40 -> 10: fc2 is cut along both axes, so its idle blocks park at home ranks."""
-
-    def __init__(self):
-        super().__init__()
-        self.fc1 = nn.Linear(64, 48)
-        self.bn1 = nn.BatchNorm1d(48)
-        self.fc2 = nn.Linear(48, 40)
-        self.fc3 = nn.Linear(40, 10)
-
-    def forward(self, x):
-        x = torch.relu(self.bn1(self.fc1(x)))
-        return self.fc3(torch.relu(self.fc2(x)))
-
-
-def build_model():
-    return Net()
-
-
-example_inputs = (torch.randn(8, 64),)
-'''
+NET = BN_MLP_MODEL_FILE
 
 FLAGS = ["--subnets", "2", "--rounds", "3", "--local-steps", "3", "--batch-size", "32", "--threads", "1",
          "--eval-every", "3", "--seed", "3", "--quiet", "--optimizer", "adamw", "--lr", "0.01", "--weight-decay",

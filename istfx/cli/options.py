@@ -16,30 +16,27 @@ from typing import Any
 from istfx.cli.loader import MODEL_FILE_HELP
 
 __all__ = ["BACKEND_OPTIONS", "add_compile_options", "add_optimizer_options", "betas", "check_backend_options",
-           "compile_kwargs", "configure_inspect", "configure_train", "fractions", "non_negative_int", "number",
-           "positive_int"]
+           "compile_kwargs", "configure_inspect", "configure_train", "fractions", "int_at_least", "non_negative_int",
+           "number", "positive_int"]
 
 
-def positive_int(text: str) -> int:
-    """An argparse type: an int >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+def int_at_least(minimum: int):
+    """An argparse type: an int ``>= minimum``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    parse.__name__ = "int"  # argparse names the type in its messages
+    return parse
 
 
-def non_negative_int(text: str) -> int:
-    """An argparse type: an int >= 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
+positive_int = int_at_least(1)
+non_negative_int = int_at_least(0)
 
 
 def number(*, minimum: float | None = None, above: float | None = None):

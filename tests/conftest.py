@@ -59,8 +59,10 @@ RTOL = 1e-8
 
 
 def examples(n: int) -> int:
-    """Hypothesis example count `n`, scaled by ``ISTFX_PROPERTY_SCALE`` (e.g. 10 for a long run)."""
-    return max(1, round(n * float(os.environ.get("ISTFX_PROPERTY_SCALE", "1"))))
+    """Hypothesis example count: `n` (what CI runs), scaled by ``ISTFX_PROPERTY_SCALE`` and raised to at least
+    ``ISTFX_PROPERTY_MIN`` (the long run of the README: ``ISTFX_PROPERTY_MIN=200``)."""
+    scaled = round(n * float(os.environ.get("ISTFX_PROPERTY_SCALE", "1")))
+    return max(1, scaled, int(os.environ.get("ISTFX_PROPERTY_MIN", "0")))
 
 
 # -- state ---------------------------------------------------------------------

@@ -25,13 +25,12 @@ import copy
 import functools
 import io
 import json
-import os
 import warnings
 from dataclasses import dataclass
 
 import pytest
 import torch
-from conftest import perturb_norms
+from conftest import examples, perturb_norms
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -44,11 +43,6 @@ from istfx.testing import masked_state
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
                 derandomize=True)
 ATOL, RTOL = 1e-10, 1e-8
-
-
-def examples(n: int) -> int:
-    """Hypothesis example count `n`, scaled by ``ISTFX_PROPERTY_SCALE`` (e.g. 10 for a long run)."""
-    return max(1, round(n * float(os.environ.get("ISTFX_PROPERTY_SCALE", "1"))))
 
 
 @pytest.fixture(autouse=True)

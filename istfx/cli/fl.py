@@ -18,12 +18,9 @@ The model file contract is :mod:`istfx.cli.loader`'s.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
-
 from istfx.cli import options
 from istfx.cli.loader import MODEL_FILE_HELP
 from istfx.errors import ISTError
@@ -170,62 +167,31 @@ def _run_federation(args: argparse.Namespace, settings, tls, logs: Path, app_dir
         f"{settings.subnets} subnet(s), {args.rounds} rounds, participation {args.participation:g}, "
         f"{'iid' if args.dirichlet is None else f'dirichlet {args.dirichlet:g}'}, "
         f"{'TLS' if tls else 'plain HTTP on 127.0.0.1'}")
-    rows: list[dict[str, Any]] = []
-    shown: set[int] = set()
     with LocalFederation(args.clients, logs, tls=tls, threads=args.threads) as federation:
         say(f"istfx fl: SuperLink on {federation.address}, {args.clients} SuperNodes started "
             f"({time.monotonic() - begin:.1f}s); logs in {logs}")
-        process = federation.run(app_dir, logs / "flwr-run.log")
-        limit = 120 + args.rounds * (args.round_timeout + 60)
-        while True:
-            rows += _new_rows(settings.metrics, len(rows))
-            if process.poll() is not None:
-                rows += _new_rows(settings.metrics, len(rows))
-                break
-            if time.monotonic() - begin > limit:
-                raise ISTError(f"the federated run did not finish within {limit:g} s; logs in {logs}")
-            _show(rows, shown, say)
-            time.sleep(0.5)
-        _show(rows, shown, say)
-        if len(rows) < args.rounds:
-            tail = federation.log_tail("flwr-run.log", 40)
-            raise ISTError(f"the federated run stopped after {len(rows)} of {args.rounds} rounds "
-                           f"(flwr run exited with {process.returncode}); last lines of its log:\n{tail}")
+        rows = federation.run_app(app_dir, settings.metrics, args.rounds,
+                                  timeout=120 + args.rounds * (args.round_timeout + 60),
+                                  on_row=lambda row: _show(row, say))
     _summary(rows, settings, time.monotonic() - begin, say)
     return 0
 
 
-def _show(rows: list[dict], shown: set[int], say) -> None:
-    """Print the rows not printed yet (one line per round, plus the clients dropped)."""
-    for row in [r for r in rows if r["round"] not in shown]:
-        shown.add(row["round"])
-        acc, loss = row.get("val_accuracy"), row.get("val_loss")
-        line = (f"round {row['round']:4d}  val loss {'-' if loss is None else format(loss, '.4f')}"
-                f"  val acc {'-' if acc is None else format(acc, '.4f')}"
-                f"  clients {row.get('clients_responded')}/{row.get('clients_sampled')}"
-                f"  down {_mb(row.get('bytes_down_per_client'))} up {_mb(row.get('bytes_up_per_client'))} MB/client"
-                f"  {row.get('elapsed_s', 0):.1f}s")
-        for drop in row.get("dropped") or []:
-            line += f"\n    dropped: node {drop['node']} (slot {drop['slot']}): {drop['reason']}"
-        say(line)
+def _show(row: dict, say) -> None:
+    """Print one round's line (and the clients dropped)."""
+    acc, loss = row.get("val_accuracy"), row.get("val_loss")
+    line = (f"round {row['round']:4d}  val loss {'-' if loss is None else format(loss, '.4f')}"
+            f"  val acc {'-' if acc is None else format(acc, '.4f')}"
+            f"  clients {row.get('clients_responded')}/{row.get('clients_sampled')}"
+            f"  down {_mb(row.get('bytes_down_per_client'))} up {_mb(row.get('bytes_up_per_client'))} MB/client"
+            f"  {row.get('elapsed_s', 0):.1f}s")
+    for drop in row.get("dropped") or []:
+        line += f"\n    dropped: node {drop['node']} (slot {drop['slot']}): {drop['reason']}"
+    say(line)
 
 
 def _mb(value: float | None) -> str:
     return "-" if value is None else f"{value / 2 ** 20:.3f}"
-
-
-def _new_rows(path: str, seen: int) -> list[dict]:
-    try:
-        lines = Path(path).read_text().splitlines()
-    except OSError:
-        return []
-    out = []
-    for line in lines[seen:]:
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            break  # a row still being written
-    return out
 
 
 def _summary(rows: list[dict], settings, seconds: float, say) -> None:

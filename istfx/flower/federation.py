@@ -18,6 +18,7 @@ errors and Ctrl-C::
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -27,7 +28,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from istfx.errors import ISTError
 
@@ -276,6 +277,35 @@ class LocalFederation:
                                      start_new_session=True)
         return self.flwr
 
+    def run_app(self, app_dir: str | Path, metrics: str | Path, rounds: int, timeout: float,
+                on_row: Callable[[dict], None] | None = None) -> list[dict]:
+        """Run the app with ``flwr run`` and follow its metrics file until it ends; returns the rows.
+
+        `on_row` sees each round's row as it appears. Raises :class:`ISTError`
+        (with the end of the run's log) when the run does not finish within
+        `timeout` seconds or stops before `rounds` rows were written.
+        """
+        log = self.workdir / "flwr-run.log"
+        process = self.run(app_dir, log)
+        rows: list[dict] = []
+        deadline = time.monotonic() + timeout
+        while True:
+            done = process.poll() is not None
+            for row in _read_rows(metrics, len(rows)):
+                rows.append(row)
+                if on_row is not None:
+                    on_row(row)
+            if done:
+                break
+            if time.monotonic() > deadline:
+                raise ISTError(f"the federated run did not finish within {timeout:g} s; last lines of its log:\n"
+                               + self.log_tail(log.name, 40))
+            time.sleep(0.3)
+        if len(rows) < rounds:
+            raise ISTError(f"the federated run stopped after {len(rows)} of {rounds} rounds (flwr run exited "
+                           f"with {process.returncode}); last lines of its log:\n" + self.log_tail(log.name, 40))
+        return rows
+
     def kill_node(self, k: int) -> None:
         """SIGKILL SuperNode `k` and everything it started (a client that dies)."""
         node = self.nodes[k]
@@ -306,6 +336,21 @@ class LocalFederation:
         if not path.exists():
             return ""
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def _read_rows(path: str | Path, seen: int) -> list[dict]:
+    """The complete JSON rows of `path` after the first `seen`."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError:
+        return []
+    out = []
+    for line in lines[seen:]:
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            break  # a row still being written
+    return out
 
 
 def _kill_group(process: subprocess.Popen, sig: int) -> None:

@@ -279,3 +279,51 @@ def test_strategy_averages_clients_of_a_slot_and_keeps_units_of_a_dropped_slot(m
     assert torch.allclose(weight[held0], torch.full_like(weight[held0], 170 / 50))
     # slot 1's rows: nobody returned them, they keep their values
     assert torch.equal(weight[held1], before["0.weight"][held1])
+
+
+# -- the command line ------------------------------------------------------------------------------
+def test_fl_help_and_argument_errors_import_neither_torch_nor_flower():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from istfx.cli import main\n"
+        "for argv in (['fl', '--help'], ['fl', 'm.py', '--participation', '0'], ['fl', 'm.py', '--dirichlet', 'x']):\n"
+        "    try:\n"
+        "        main(argv)\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "print('TORCH' if 'torch' in sys.modules or 'flwr' in sys.modules else 'NEITHER', file=sys.stderr)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.stderr.strip().endswith("NEITHER"), proc.stderr[-2000:]
+    assert "--participation" in proc.stdout and "--round-timeout" in proc.stdout and "--policy" in proc.stdout
+    assert "--participation: must be a finite number > 0" in proc.stderr
+    assert "expected a number > 0 or 'iid'" in proc.stderr
+
+
+def test_write_app_gives_a_flower_app_whose_run_config_reads_back(tmp_path, model_file):
+    import tomllib
+
+    from istfx.cli.main import main
+
+    assert main(["fl", str(model_file), "--clients", "16", "--subnets", "2", "--policy", "rolling",
+                 "--participation", "0.25", "--dirichlet", "0.5", "--write-app", str(tmp_path / "app")]) == 0
+    project = tomllib.loads((tmp_path / "app" / "pyproject.toml").read_text())
+    components = project["tool"]["flwr"]["app"]["components"]
+    assert components == {"serverapp": "istfx_fl_app.server:app", "clientapp": "istfx_fl_app.client:app"}
+    settings = FederatedSettings.from_run_config(project["tool"]["flwr"]["app"]["config"])
+    assert (settings.clients, settings.participation, settings.dirichlet) == (16, 0.25, 0.5)
+    assert settings.compile["subnets"] == 2 and settings.compile["policy"] == "rolling"
+    assert settings.model == model_file.name and (tmp_path / "app" / model_file.name).read_text() == MODEL
+    assert settings.model_path(tmp_path / "app").is_file()
+
+
+def test_tls_options_need_every_file(tmp_path, model_file, capsys):
+    from istfx.cli.main import main
+
+    assert main(["fl", str(model_file), "--ssl-certfile", "x.pem"]) == 2
+    assert "needs all of --ssl-ca-certfile" in capsys.readouterr().err
+    assert main(["fl", str(model_file), "--tls-dir", str(tmp_path)]) == 2
+    assert "TLS files not found" in capsys.readouterr().err

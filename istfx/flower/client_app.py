@@ -218,8 +218,8 @@ def make_client_app(load_model: ModelLoader, app_dir: str | Path | None = None) 
             raise WireError(f"unknown strategy {strategy!r} in the train message.")
         metrics.update({"partition-id": partition, "peak-memory": peak_memory_bytes(),
                         "wall-seconds": time.perf_counter() - begin})
-        metrics = {k: (float(v) if isinstance(v, float) and math.isfinite(v) else v) for k, v in metrics.items()
-                   if not (isinstance(v, float) and not math.isfinite(v))}
+        # A MetricRecord holds numbers; a loss without samples (nan) is left out rather than sent.
+        metrics = {k: v for k, v in metrics.items() if not (isinstance(v, float) and not math.isfinite(v))}
         content = RecordDict({"arrays": tensors_to_record(trained), "metrics": MetricRecord(metrics)})
         return Message(content=content, reply_to=msg)
 

@@ -214,9 +214,22 @@ def test_sampling_and_dealing():
     sampled = sample_clients(nodes, 0.25, seed=0, round=4)
     assert len(sampled) == 2 and set(sampled) <= set(nodes)
     assert sampled == sample_clients(list(reversed(nodes)), 0.25, seed=0, round=4)
-    assert deal_slots([40, 10, 70], nodes, 2, by_capacity=False) == {40: 0, 10: 1, 70: 0}
-    # capacity classes: the node's rank among all nodes, mod S (the same every round)
-    assert deal_slots([40, 10, 70], nodes, 2, by_capacity=True) == {40: 1, 10: 0, 70: 0}
+    assert deal_slots([40, 10, 70], 2) == {40: 0, 10: 1, 70: 0}
+    assert deal_slots([40, 10, 70], 2, capacity={40: 1, 10: 0, 70: 1, 20: 0}) == {40: 1, 10: 0, 70: 1}
+
+
+def test_capacity_classes_stay_with_their_clients(model_file, task_identity):
+    torch.manual_seed(0)
+    loaded = load_model_file(model_file)
+    ist = istfx.compile(loaded.model, example_inputs=loaded.example_inputs, subnets=2, sizes=[0.7, 0.3])
+    strategy = ISTStrategy(ist, participation=0.5, seed=1)
+    seen = {}
+    for round in (1, 2, 3, 4):
+        grid = _Grid([5, 9, 7, 3] if round < 3 else [5, 9, 3, 11])  # node 7 leaves, node 11 joins
+        strategy.configure_train(round, ArrayRecord(), ConfigRecord(), grid)
+        for client in strategy.stats[round].clients:
+            assert seen.setdefault(client.node, client.slot) == client.slot
+    assert strategy.capacity == {3: 0, 5: 1, 7: 0, 9: 1, 11: 0}
 
 
 @pytest.fixture

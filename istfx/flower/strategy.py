@@ -8,8 +8,9 @@ server. Each round it
 2. samples ``participation`` of the connected clients (seeded by round),
 3. deals the S subnet slots among them: client ``k`` of the sample gets slot
    ``k mod S`` (with more clients than subnets several clients train the same
-   slot; with ``sizes``, slot = the client's capacity class, its rank among
-   the connected nodes mod S, so a client always gets the same size),
+   slot; with ``sizes``, slot = the client's capacity class, given in the
+   order clients are first seen (sorted node ids), mod S, so a client always
+   gets the same size),
 4. sends each client only its slot's tensors and a
    :class:`~istfx.flower.wire.SubnetDescription`,
 5. averages the replies of clients that trained the same slot (weighted by
@@ -111,12 +112,11 @@ def sample_clients(nodes: Iterable[int], participation: float, seed: int, round:
     return [nodes[i] for i in rng.permutation(len(nodes))[:count]]
 
 
-def deal_slots(sampled: list[int], all_nodes: Iterable[int], subnets: int, by_capacity: bool) -> dict[int, int]:
-    """node -> subnet slot: ``k mod S`` for the k-th sampled client, or with `by_capacity` the node's
-    capacity class (its rank among all nodes, mod S)."""
-    if by_capacity:
-        rank = {n: i for i, n in enumerate(sorted(all_nodes))}
-        return {n: rank[n] % subnets for n in sampled}
+def deal_slots(sampled: list[int], subnets: int, capacity: dict[int, int] | None = None) -> dict[int, int]:
+    """node -> subnet slot: ``k mod S`` for the k-th sampled client, or, given `capacity`
+    (node -> capacity class), each node's class."""
+    if capacity is not None:
+        return {n: capacity[n] for n in sampled}
     return {n: k % subnets for k, n in enumerate(sampled)}
 
 
@@ -151,6 +151,7 @@ class ISTStrategy(Strategy):
         self._sent: dict[int, dict[str, torch.Tensor]] = {}  # slot -> tensors sent this round
         self._subnets: list = []
         self._requires_grad = {n: p.requires_grad for n, p in ist.model.named_parameters()}
+        self.capacity: dict[int, int] = {}  # node -> capacity class (with sizes), fixed when first seen
 
     def summary(self) -> None:
         """Log the strategy's configuration."""
@@ -167,7 +168,9 @@ class ISTStrategy(Strategy):
         round = server_round - 1
         nodes = sorted(grid.get_node_ids())
         sampled = sample_clients(nodes, self.participation, self.seed, round)
-        slots = deal_slots(sampled, nodes, plan.subnets, by_capacity=plan.sizes is not None)
+        for node in nodes:
+            self.capacity.setdefault(node, len(self.capacity) % plan.subnets)
+        slots = deal_slots(sampled, plan.subnets, self.capacity if plan.sizes is not None else None)
         self._subnets = ist.decompose(round)  # opens the round; its subnets are the assignment's slices
         slices = ist.slices(round)
         held = plan.block_assignment(round)

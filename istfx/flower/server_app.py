@@ -13,8 +13,10 @@ bytes (means over the clients that responded; ``bytes_total`` is every byte
 sent down plus every byte that came back); ``client_peak_memory_bytes`` is the
 largest client process's peak resident memory and ``client_compute_seconds``
 the mean local-training time. Extra keys: ``train_loss``, ``slots``
-(partition -> slot) and ``dropped`` (node, slot and reason of each client
-left out).
+(partition -> slot), ``dropped`` (node, slot and reason of each client left
+out), ``units_kept`` (slot -> units that kept their previous values because no
+client returned the slot) and ``clients`` (each responding client's
+partition, slot, bytes, samples and parameter elements held).
 
 Usage (what ``istfx fl`` writes into its app folder)::
 

@@ -94,6 +94,7 @@ class RoundStats:
             "train_loss": loss,
             "slots": {str(c.partition if c.partition is not None else c.node): c.slot for c in ok},
             "dropped": [{"node": c.node, "slot": c.slot, "reason": c.dropped} for c in self.clients if c.dropped],
+            "units_kept": {str(slot): units for slot, units in self.kept_previous.items()},
             "clients": [{"node": c.node, "partition": c.partition, "slot": c.slot, "bytes_down": c.bytes_down,
                          "bytes_up": c.metrics.get("bytes-up"), "samples": c.metrics.get("num-examples"),
                          "held_elements": c.metrics.get("held-elements"),

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from torch import nn
 
 import istfx
 from istfx.cli.loader import load_model_file

@@ -224,7 +224,7 @@ class ISTStrategy(Strategy):
         subnets, weights = [], []
         for slot, parts in sorted(per_slot.items()):
             values = dict(self._sent[slot])
-            for name in parts[0][0]:
+            for name in set.intersection(*(set(p) for p, _ in parts)):  # what every client of the slot returned
                 values[name] = _average([(p[name], w) for p, w in parts])
             template = ist.template(slot, plan.block_assignment(server_round - 1)[slot])
             subnet = template.instantiate(values, self._requires_grad)

@@ -10,6 +10,8 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q "torch==${TORCH_VERSION:-2.13.0}"
 .venv/bin/python -m pip install -q -e ".[test]"
+# Flower for istfx fl (the fl extra; the test extra lists it too).
+.venv/bin/python -m pip install -q -e ".[fl]"
 # The benchmarks' extras (matplotlib, torchft for DiLoCo); torchft installs next to the pinned torch.
 .venv/bin/python -m pip install -q -e ".[bench]"
 # DeepSpeed builds against the torch above only without build isolation (else it may fetch a CUDA torch).

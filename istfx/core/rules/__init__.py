@@ -31,8 +31,8 @@ import torch.fx as fx
 from .context import OpContext, Rewriter, Sym, bind, dims, new_atom, op_name, set_arg
 from .contract import (rule_addmm, rule_baddbmm, rule_conv, rule_einsum, rule_linear, rule_matmul, rule_mm, rule_sdpa,
                        rule_sum)
-from .elementwise import (rule_copy, rule_creation, rule_getitem, rule_identity, rule_no_output, rule_pointwise,
-                          rule_positions, rule_prelu, rule_unknown)
+from .elementwise import (rule_arange, rule_copy, rule_creation, rule_getitem, rule_identity, rule_no_output,
+                          rule_pointwise, rule_positions, rule_prelu, rule_unknown)
 from .experts import rule_grouped_mm, rule_histc
 from .index import (rule_embedding, rule_gather, rule_index, rule_index_add, rule_index_fill, rule_index_put,
                     rule_index_select, rule_masked_scatter_like, rule_scatter, rule_segment_reduce)
@@ -176,7 +176,8 @@ _table(rule_creation, "aten.zeros", "aten.ones", "aten.full", "aten.empty", "ate
        "aten.new_ones", "aten.new_full", "aten.new_empty", "aten.zeros_like", "aten.ones_like",
        "aten.full_like", "aten.empty_like", "aten.rand", "aten.randn", "aten.rand_like", "aten.randn_like",
        "aten.scalar_tensor")
-_table(rule_positions, "aten.arange", "aten.tril", "aten.triu", "aten.eye", "aten.tril_", "aten.triu_")
+_table(rule_arange, "aten.arange")
+_table(rule_positions, "aten.tril", "aten.triu", "aten.eye", "aten.tril_", "aten.triu_")
 _table(rule_copy, "aten.copy_", "aten.copy")
 _table(rule_pointwise, "aten.dropout", "aten.where", "aten.clamp", "aten.clamp_min", "aten.clamp_max",
        "aten.masked_fill", "aten.native_dropout", "aten.feature_dropout",

@@ -7,8 +7,8 @@ from typing import Callable
 import torch
 import torch.fx as fx
 
-from ..axes import CONCAT, SELECTED, SPATIAL
-from .context import OpContext, Sym, _dim_list, _norm_dim, dims, op_name, set_arg
+from ..axes import CONCAT, PRODUCT, SELECTED, SPATIAL
+from .context import OpContext, Sym, _dim_list, _norm_dim, dims, new_atom, op_name, set_arg
 from .reshape import _rewrite_size_list, reshape_axes
 
 
@@ -81,18 +81,52 @@ def rule_expand(ctx: OpContext) -> None:
 
 
 def rule_repeat(ctx: OpContext) -> None:
+    """Tiling: an axis of size n repeated r times is a product [r, n] whose minor factor is the input axis.
+
+    ``slopes.repeat(batch, 1, 1)`` (BLOOM's ALiBi, ``[heads, 1, L] -> [batch*heads, 1, L]``) folds a
+    dynamic batch over the heads: the heads are the minor factor, so cutting them keeps whole tiles
+    and the repeat needs no new arguments. New leading axes and the repeat factors are copies, frozen.
+    """
     x = ctx.axes("self")
     repeats = list(ctx.arg("repeats"))
-    out = ctx.fresh(ctx.out_dims())
-    lead = len(out) - len(x)
-    for i, o in enumerate(out):
-        if i >= lead and repeats[i] == 1:
-            ctx.same(o, x[i - lead])
-        else:
-            ctx.freeze(o, "repeated axis")
-            if i >= lead:
-                ctx.freeze(x[i - lead], "repeated axis")
+    out_dims = ctx.out_dims()
+    out = []
+    lead = len(out_dims) - len(x)
+    for i, d in enumerate(out_dims):
+        if i < lead:
+            out.append(ctx.fresh([d])[0])
+            ctx.freeze(out[-1], "repeated axis")
+            continue
+        a = x[i - lead]
+        if isinstance(repeats[i], int) and repeats[i] == 1:
+            out.append(a)
+            continue
+        n = ctx.dim(a)
+        if isinstance(n, Sym) or n == 1:
+            out.append(ctx.fresh([d])[0])
+            ctx.freeze(out[-1], "repeated axis")
+            if n != 1:
+                ctx.freeze(a, "repeated axis")
+            continue
+        out.append(_tiled(ctx, a, n, d))
     ctx.output(out)
+
+
+def _tiled(ctx: OpContext, axis: int, n: int, d) -> int:
+    """The output axis of `axis` (static size n) tiled to size d: a product [copies, n]."""
+    alg = ctx.alg
+    if isinstance(d, Sym):
+        coeff, rest = d.expr.as_coeff_Mul()
+        copies = Sym(rest if int(coeff) == n else d.expr / n, d.hint // n)
+        folded = alg.new(d.hint, symbolic=d)  # not frozen itself: its static factor may be cut
+    else:
+        copies, folded = d // n, alg.new(d)
+    major = new_atom(alg, copies) if isinstance(copies, Sym) else alg.new(copies)
+    ctx.freeze(major, "repeated axis")
+    tile, minor = alg.refine(folded, PRODUCT, [alg.size(major), n])
+    alg.unify(tile, major)
+    ctx.same(minor, axis)
+    return folded
 
 
 def rule_cat(ctx: OpContext) -> None:

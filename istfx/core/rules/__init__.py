@@ -39,6 +39,7 @@ from .index import (rule_embedding, rule_gather, rule_index, rule_index_add, rul
 from .norm import rule_batch_norm, rule_group_norm, rule_layer_norm, rule_reduce, rule_rms_norm, rule_scan, rule_softmax
 from .reshape import reshape_axes
 from .shape import (rule_cat, rule_expand, rule_narrow, rule_pad, rule_permute, rule_pool, rule_repeat,
+                    rule_repeat_interleave,
                     rule_reshape_like, rule_select, rule_slice, rule_split, rule_squeeze, rule_stack, rule_transpose,
                     rule_unsqueeze, rule_view)
 
@@ -144,6 +145,7 @@ _table(rule_transpose, "aten.transpose", "aten.t", "aten.swapaxes", "aten.swapdi
 _table(rule_permute, "aten.permute")
 _table(rule_expand, "aten.expand", "aten.expand_as", "aten.broadcast_to")
 _table(rule_repeat, "aten.repeat")
+_table(rule_repeat_interleave, "aten.repeat_interleave.self_int")
 _table(rule_cat, "aten.cat", "aten.concat", "aten.concatenate")
 _table(rule_stack, "aten.stack")
 _table(rule_split, "aten.split", "aten.split_with_sizes", "aten.chunk", "aten.unbind", "aten.tensor_split")

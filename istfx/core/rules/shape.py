@@ -129,6 +129,37 @@ def _tiled(ctx: OpContext, axis: int, n: int, d) -> int:
     return folded
 
 
+def rule_repeat_interleave(ctx: OpContext) -> None:
+    """``repeat_interleave(x, r, dim)``: each element repeated r times in place, a product [axis, r].
+
+    A unit of the output is ``r`` consecutive elements per input unit (GPT-J's and Cohere's rotary
+    tables, ``[L, d/2] -> [L, d]`` with each frequency twice). Repeats over the flattened input (no
+    ``dim``) are refused loudly (the analysis reports the failed rule); repeats given as a tensor
+    (``repeat_interleave.self_Tensor``) have no rule: their sizes follow values.
+    """
+    if ctx.arg("dim") is None:
+        raise ValueError("repeat_interleave without dim repeats the flattened input")
+    x = ctx.axes("self")
+    d = _norm_dim(ctx.arg("dim"), len(x))
+    repeats, n = ctx.arg("repeats"), ctx.dim(x[d])
+    out = list(x)
+    out_dims = ctx.out_dims()
+    if not isinstance(repeats, int) or isinstance(n, Sym):
+        out[d] = ctx.fresh([out_dims[d]])[0]
+        ctx.freeze(out[d], "repeated axis")
+        ctx.freeze(x[d], "repeated axis")
+        ctx.output(out)
+        return
+    if repeats > 1:
+        out[d] = ctx.alg.new(n * repeats)
+        unit, copies = ctx.alg.refine(out[d], PRODUCT, [n, repeats])
+        ctx.same(unit, x[d])
+        ctx.freeze(copies, "repeated axis")
+    if isinstance(ctx.arg("output_size"), int):
+        ctx.rewrite(lambda node, new_size: set_arg(node, "output_size", new_size(out[d])))
+    ctx.output(out)
+
+
 def rule_cat(ctx: OpContext) -> None:
     tensors = [t for t in ctx.arg("tensors") if ctx.is_tensor(t) and ctx.dims_of(t) != [0]]
     out_dims = ctx.out_dims()
@@ -224,6 +255,9 @@ def rule_slice(ctx: OpContext) -> None:
     end = n if end is None else min(_norm_dim(end, n), n)
     start = max(0, min(start, n))
     out = list(x)
+    if step != 1 and n % step == 0 and 0 <= start < step and end >= n - step + start + 1:
+        _phase(ctx, x, d, n, start, step)
+        return
     if step != 1:
         ctx.freeze(x[d], "strided slice")
         out[d] = ctx.fresh([out_dims[d]])[0]
@@ -240,6 +274,22 @@ def rule_slice(ctx: OpContext) -> None:
         s = new_size(before) if start else 0
         set_arg(node, "start", s)
         set_arg(node, "end", s + new_size(middle))
+
+    ctx.rewrite(rewrite)
+    ctx.output(out)
+
+
+def _phase(ctx: OpContext, x: list[int], d: int, n: int, start: int, step: int) -> None:
+    """``x[..., start::step]`` over an axis of n = k * step: the axis is a product [k, step] and the slice
+    selects position `start` of the minor factor (GPT-J's ``x[..., ::2]``, ``x[..., 1::2]``: the even and odd
+    halves of rotary pairs). The k major units are cut like any axis; the minor factor is a selector."""
+    major, minor = ctx.alg.refine(x[d], PRODUCT, [n // step, step])
+    ctx.freeze(minor, SELECTED)
+    out = list(x)
+    out[d] = major
+
+    def rewrite(node: fx.Node, new_size: Callable[[int], int]) -> None:
+        set_arg(node, "end", new_size(x[d]))
 
     ctx.rewrite(rewrite)
     ctx.output(out)

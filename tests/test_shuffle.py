@@ -117,3 +117,20 @@ def test_uneven_pieces_stay_frozen_with_their_reason() -> None:
     assert groups and all(g.status == "frozen" for g in groups)
     assert any("interleaved (e.g. a channel shuffle" in r for g in groups for r in g.reasons), groups[0].reasons
     assert any(g.id in ist.plan.split for g in _stream(ist, "stem.weight", 0))
+
+
+def test_a_stream_that_cannot_halve_again_is_frozen_and_subnets_still_run() -> None:
+    """12 channels: pieces of 6 = 3 x 2 after the first halving; the third unit would halve 3, so the
+    stream has no common factorisation there and is frozen with that reason (in every unit: one axis).
+    The branches' hidden channels still split, and every subnet equals the masked model. (Before the
+    flags reached every factor of an axis shared by several products, a subnet cut a factor its frozen
+    parent kept whole and crashed.)"""
+    x = _image()
+    ist = istfx.compile(_stage(units=3, channels=12), subnets=2, example_inputs=(x,))
+    stream = _stream(ist, "5.weight", 1)
+    assert stream and all(g.status == "frozen" for g in stream)
+    assert any("share no common factorisation" in r for g in stream for r in g.reasons), stream[0].reasons
+    assert {"2.branch.0.weight", "3.branch.0.weight", "4.branch.0.weight"} <= {
+        m.tensor for g in ist.plan.split for m in ist.plan.groups[g].members}
+    check_forward_equivalence(ist, ((x,), {}), 1)
+    check_sgd_step(ist, ((x,), {}), 1, 0)

@@ -278,10 +278,16 @@ class AxisAlgebra:
     def propagate_flags(self) -> None:
         """Push frozen/approximate flags from refined atoms down to their leaves."""
         order = self._topological_refined_roots()
-        for root in order:
-            ref = self._refinement[root]
-            for child in ref.children:
-                self.flags(child).merge(self._flags[root])
+        changed = True
+        while changed:  # an atom can be a factor of several parents (the pieces of a shuffled concatenation)
+            changed = False
+            for root in order:
+                ref = self._refinement[root]
+                for child in ref.children:
+                    flags = self.flags(child)
+                    before = (len(flags.frozen), len(flags.approximate))
+                    flags.merge(self._flags[root])
+                    changed |= before != (len(flags.frozen), len(flags.approximate))
 
     def _topological_refined_roots(self) -> list[int]:
         roots = [r for r in list(self._refinement) if self.find(r) == r]

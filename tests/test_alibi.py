@@ -97,3 +97,36 @@ def test_mpt_heads_split_with_their_slopes() -> None:
     heads = _heads(ist)
     assert [g.units for g in heads] == [4] and all(g.id in ist.plan.split for g in heads), str(ist.plan)
     _check(ist, twin, ((), {"input_ids": _ids(3, 6, 1)}), [((), {"input_ids": _ids(1, 5, 2)})])
+
+
+@pytest.mark.parametrize("tile", [False, True])
+def test_plain_alibi_attention_splits_heads(tile: bool) -> None:
+    """The pattern in plain torch.nn (the generated zoo of tests/test_zoo_patterns.py draws it too): slopes
+    ``2 ** (-8 * arange(1, h + 1) / h)``, BLOOM's tiled layout or MPT's broadcast one. Heads split 2/2 and
+    each subnet's slopes are those of its held heads (a prefix would fail the masked-model check for
+    most rounds)."""
+    from test_zoo_patterns import AlibiAttention
+
+    def build() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(AlibiAttention(16, 4, tile), nn.Linear(16, 3)).double()
+
+    x = torch.randn(3, 5, 16, generator=torch.Generator().manual_seed(0), dtype=F64)
+    ist = istfx.compile(build(), subnets=2, example_inputs=(x,))
+    twin = istfx.compile(build(), subnets=2, example_inputs=(x,))
+    heads = _heads(ist)
+    assert [g.units for g in heads] == [4] and heads[0].id in ist.plan.split, str(ist.plan)
+    assert not ist.plan.diagnostics
+    for r in range(3):
+        held = ist.plan.assignment(r)[heads[0].id]
+        constant = next(n for n in ist.plan.state_kinds if "constant" in n and "arange" in n)
+        for s, subnet in enumerate(ist.decompose(r)):
+            assert torch.equal(subnet.get_buffer(constant) if constant in dict(subnet.named_buffers())
+                               else getattr(subnet, constant), torch.arange(1, 5)[held[s]])
+    y = torch.randn(2, 7, 16, generator=torch.Generator().manual_seed(1), dtype=F64)
+    check_round_trip(ist, 0)
+    check_coverage(ist, twin)
+    for mode in ("train", "eval"):
+        check_forward_equivalence(ist, ((y,), {}), 1, mode=mode)
+        check_sgd_step(ist, ((y,), {}), 2, 1, mode=mode)
+        check_interface(ist, [((x[:1],), {})], mode=mode)

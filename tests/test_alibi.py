@@ -10,7 +10,6 @@ evaluation mode.
 """
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch

@@ -11,7 +11,8 @@ factor; that is all this pass looks at:
     heads. When a ``heads_in_group`` factor sits inside it (the queries of
     grouped-query attention), its units are whole KV groups.
 ``heads_in_group``
-    a minor factor with unit > 1: the query heads inside one KV group.
+    a minor factor with unit > 1 on two dimensions: the query heads inside
+    one KV group.
 ``head_dim``
     a minor factor with unit 1 (with rotary embeddings, the two halves of
     head_dim are one axis of half the size).
@@ -30,8 +31,9 @@ factor; that is all this pass looks at:
     rows looked up by index; axes fixed by a model input or output; the rest
     (the q/k/v selector of a packed projection is ``other``).
 
-Known gap: pairs inside a head (GPT-J's interleaved rotary) still read as
-``heads_in_group``.
+``heads_in_group`` needs members on two dimensions (produced by the query
+projection, read by the output projection); pieces inside a head that only
+q and k produce (GPT-J's interleaved rotary pairs) are ``head_dim``.
 
 Usage::
 
@@ -127,8 +129,14 @@ class HeadsPass:
                 return Role(CHANNELS, f"{g.units} channels inside each group of a grouped convolution")
             return Role(CHANNELS, f"{g.units} groups of {per} channels" if per > 1 else f"{g.units} channels")
         if g.inner:
-            if multi:
+            # Query heads inside a KV group are produced by one weight and read by another (the output
+            # projection): two dimensions. Pieces inside a head (GPT-J's interleaved rotary pairs) only meet
+            # q and k, on the dimension that produces them.
+            if len({m.dim for m in multi}) >= 2:
                 return Role(HEADS_IN_GROUP, f"{g.units} query heads per KV group")
+            if multi:
+                return Role(HEAD_DIM, f"{g.units} pieces of {max(m.unit for m in multi)} inside each head "
+                                      "(e.g. interleaved rotary pairs)")
             return Role(HEAD_DIM, f"{g.units} units inside each head (or each half of it)")
         if len({m.tensor for m in multi}) >= 2:
             return Role(HEADS, f"{g.units} heads")

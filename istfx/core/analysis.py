@@ -21,6 +21,7 @@ import functools
 import importlib.util
 import os
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -83,11 +84,13 @@ class AxisAnalysis:
         self._buffers = {n for n, _ in gm.named_buffers(remove_duplicate=False)}
         self._by_identity: dict[int, str] = {}  # tied weights: one tensor, several names
         self.aliases: dict[str, str] = {}
+        self._constant_ops: list[tuple[fx.GraphModule, str, fx.Node]] = []  # ops a rule offered as constants
 
     def run(self) -> AnalysisResult:
         """Analyse the whole graph once and return the result."""
         self._run_graph(self.gm, "", inputs=None)
         self.alg.propagate_flags()
+        self._store_constants()
         return AnalysisResult(self.alg, self.state, self.rewriters, self.diagnostics, self.node_axes,
                               self.aliases)
 
@@ -165,7 +168,34 @@ class AxisAnalysis:
                 self._report(node, f"axis rule failed ({type(exc).__name__}: {exc}); its axes are frozen")
         if ctx.rewriters:
             self.rewriters[(path, node.name)] = ctx.rewriters
+        if ctx.constant:
+            self._constant_ops.append((gm, path, node))
         return ctx.outputs
+
+    def _store_constants(self) -> None:
+        """Store each op a rule offered as a constant (:meth:`OpContext.as_constant`) whose axes can be cut.
+
+        The op becomes a read of a graph constant holding its full output
+        (``_to_copy`` keeps its dtype and device), recorded as state with the
+        op's output axes, so every subnet reads the slice of the positions it
+        holds. Ops whose axes are all frozen stay as they are.
+        """
+        for gm, path, node in self._constant_ops:
+            axes = self.node_axes.get((path, node.name))
+            if not axes or all(self.alg.flags(leaf).frozen for a in axes for leaf in self.alg.leaves(a)):
+                continue
+            kwargs = {k: v for k, v in node.kwargs.items() if k in ("dtype", "layout", "device", "pin_memory")}
+            value = node.target(*node.args, **{**node.kwargs, "device": torch.device("cpu")})
+            attr = f"_istfx_constant_{node.name}"
+            setattr(gm, attr, value)
+            with gm.graph.inserting_before(node), warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # fx expects buffers; export's constants are plain
+                read = gm.graph.get_attr(attr)
+            read.meta["val"] = node.meta.get("val")
+            node.target, node.args, node.kwargs = torch.ops.aten._to_copy.default, (read,), kwargs
+            name = path + attr
+            self.state[name] = StateTensor(name, "constant", tuple(value.shape), list(axes))
+            gm.recompile()
 
     def _call_subgraph(self, gm: fx.GraphModule, path: str, node: fx.Node, env: dict) -> Any:
         args = list(node.args)

@@ -39,7 +39,9 @@ CONCAT = "concat"
 # selector of a packed projection), as opposed to units the rules could not follow.
 DYNAMIC = "dynamic dimension (batch, sequence or nodes)"
 SELECTED = "a single position is selected"
-NOT_UNITS = (DYNAMIC, SELECTED)
+# The factor k of a concatenation of k equal pieces seen as a product [k, piece] (a channel shuffle).
+PIECES = "which piece of a concatenation of equal pieces"
+NOT_UNITS = (DYNAMIC, SELECTED, PIECES)
 # A convolution's kernel window and spatial output (the roles pass tells conv channels and spatial positions by them).
 KERNEL_WINDOW = "convolution kernel window"
 SPATIAL = "spatial size follows the input"
@@ -192,6 +194,8 @@ class AxisAlgebra:
             children = [self.new(s) for s in sizes]
             self._refinement[root] = Refinement(kind, children)
             return children
+        if existing.kind != kind and self._equal_pieces(existing, kind, sizes):
+            return self._pieces_as_product(root, kind, sizes)
         if existing.kind != kind:
             reason = _mixed_reason(total, existing.kind, [self.size(c) for c in existing.children], kind, sizes)
             self.freeze(root, reason)
@@ -199,6 +203,36 @@ class AxisAlgebra:
         if [self.size(c) for c in existing.children] == sizes:
             return list(existing.children)
         return self._common_refinement(root, kind, sizes)
+
+    def _equal_pieces(self, existing: Refinement, kind: str, sizes: list[int]) -> bool:
+        """True when the concatenation side (existing or requested) has k >= 2 pieces of one size."""
+        pieces = [self.size(c) for c in existing.children] if existing.kind == CONCAT else sizes
+        return len(pieces) >= 2 and len(set(pieces)) == 1
+
+    def _pieces_as_product(self, root: int, kind: str, sizes: list[int]) -> list[int]:
+        """An axis that is both k equal pieces ``[p | p | ...]`` and a product: the pieces are the product
+        ``[k, p]`` whose major factor says which piece (frozen: a cut would drop a whole input of the
+        concatenation) and whose minor factor is every piece at once (their units are cut alike).
+
+        ShuffleNet's channel shuffle views ``cat(x1, branch(x2))`` as ``[2, C/2]`` and transposes it; the
+        next unit's ``chunk(2)`` takes halves of the shuffled ``[C/2, 2]``. Cutting unit i of each piece
+        together keeps the shuffle a permutation of the held channels, so the cut is exact; each such
+        halving refines the piece further (C/2 = 2 x C/4), and the algebra follows it as a common
+        refinement of products.
+        """
+        existing = self.refinement(root)
+        if existing.kind == CONCAT:  # becomes the product [k, p]; then the requested product refines it
+            children = list(existing.children)
+            piece = children[0]
+            for child in children[1:]:
+                piece = self.unify(piece, child)
+            selector = self.new(len(children), frozen=PIECES)
+            self._refinement[self.find(root)] = Refinement(PRODUCT, [selector, self.find(piece)])
+            return self.refine(root, PRODUCT, sizes)
+        k, p = len(sizes), sizes[0]
+        selector, piece = self.refine(root, PRODUCT, [k, p])
+        self.freeze(selector, PIECES)
+        return [piece] * k
 
     def _common_refinement(self, root: int, kind: str, sizes: list[int]) -> list[int]:
         leaves = self._leaves_of_kind(root, kind)
@@ -244,10 +278,16 @@ class AxisAlgebra:
     def propagate_flags(self) -> None:
         """Push frozen/approximate flags from refined atoms down to their leaves."""
         order = self._topological_refined_roots()
-        for root in order:
-            ref = self._refinement[root]
-            for child in ref.children:
-                self.flags(child).merge(self._flags[root])
+        changed = True
+        while changed:  # an atom can be a factor of several parents (the pieces of a shuffled concatenation)
+            changed = False
+            for root in order:
+                ref = self._refinement[root]
+                for child in ref.children:
+                    flags = self.flags(child)
+                    before = (len(flags.frozen), len(flags.approximate))
+                    flags.merge(self._flags[root])
+                    changed |= before != (len(flags.frozen), len(flags.approximate))
 
     def _topological_refined_roots(self) -> list[int]:
         roots = [r for r in list(self._refinement) if self.find(r) == r]

@@ -31,14 +31,15 @@ import torch.fx as fx
 from .context import OpContext, Rewriter, Sym, bind, dims, new_atom, op_name, set_arg
 from .contract import (rule_addmm, rule_baddbmm, rule_conv, rule_einsum, rule_linear, rule_matmul, rule_mm, rule_sdpa,
                        rule_sum)
-from .elementwise import (rule_copy, rule_creation, rule_getitem, rule_identity, rule_no_output, rule_pointwise,
-                          rule_positions, rule_prelu, rule_unknown)
+from .elementwise import (rule_arange, rule_copy, rule_creation, rule_getitem, rule_identity, rule_no_output,
+                          rule_pointwise, rule_positions, rule_prelu, rule_unknown)
 from .experts import rule_grouped_mm, rule_histc
 from .index import (rule_embedding, rule_gather, rule_index, rule_index_add, rule_index_fill, rule_index_put,
                     rule_index_select, rule_masked_scatter_like, rule_scatter, rule_segment_reduce)
 from .norm import rule_batch_norm, rule_group_norm, rule_layer_norm, rule_reduce, rule_rms_norm, rule_scan, rule_softmax
 from .reshape import reshape_axes
 from .shape import (rule_cat, rule_expand, rule_narrow, rule_pad, rule_permute, rule_pool, rule_repeat,
+                    rule_repeat_interleave,
                     rule_reshape_like, rule_select, rule_slice, rule_split, rule_squeeze, rule_stack, rule_transpose,
                     rule_unsqueeze, rule_view)
 
@@ -144,6 +145,7 @@ _table(rule_transpose, "aten.transpose", "aten.t", "aten.swapaxes", "aten.swapdi
 _table(rule_permute, "aten.permute")
 _table(rule_expand, "aten.expand", "aten.expand_as", "aten.broadcast_to")
 _table(rule_repeat, "aten.repeat")
+_table(rule_repeat_interleave, "aten.repeat_interleave.self_int")
 _table(rule_cat, "aten.cat", "aten.concat", "aten.concatenate")
 _table(rule_stack, "aten.stack")
 _table(rule_split, "aten.split", "aten.split_with_sizes", "aten.chunk", "aten.unbind", "aten.tensor_split")
@@ -176,7 +178,8 @@ _table(rule_creation, "aten.zeros", "aten.ones", "aten.full", "aten.empty", "ate
        "aten.new_ones", "aten.new_full", "aten.new_empty", "aten.zeros_like", "aten.ones_like",
        "aten.full_like", "aten.empty_like", "aten.rand", "aten.randn", "aten.rand_like", "aten.randn_like",
        "aten.scalar_tensor")
-_table(rule_positions, "aten.arange", "aten.tril", "aten.triu", "aten.eye", "aten.tril_", "aten.triu_")
+_table(rule_arange, "aten.arange")
+_table(rule_positions, "aten.tril", "aten.triu", "aten.eye", "aten.tril_", "aten.triu_")
 _table(rule_copy, "aten.copy_", "aten.copy")
 _table(rule_pointwise, "aten.dropout", "aten.where", "aten.clamp", "aten.clamp_min", "aten.clamp_max",
        "aten.masked_fill", "aten.native_dropout", "aten.feature_dropout",

@@ -23,6 +23,7 @@ class OpContext:
     axes_of: Callable[[Any], Any]
     outputs: Any = None
     rewriters: list[Rewriter] = field(default_factory=list)
+    constant: bool = False  # the output may be stored as a constant and sliced with its axes
 
     # -- reading ---------------------------------------------------------------
     def arg(self, name: str, default: Any = None) -> Any:
@@ -84,6 +85,12 @@ class OpContext:
     def approximate(self, atom: int, why: str) -> None:
         """Cutting this axis gives a valid but not mask-equivalent model."""
         self.alg.mark_approximate(atom, f"{why} ({op_name(self.node)})")
+
+    def as_constant(self) -> None:
+        """This op's output depends on no input and no dynamic size (an ``arange(n)``): where one of its
+        axes can be cut, the analysis stores the full output as a graph constant, and each subnet reads
+        the slice of it that holds its units (the values at the positions it holds, which is exact)."""
+        self.constant = True
 
     def rewrite(self, fn: Rewriter) -> None:
         """Register how this node's shape arguments follow shrunken axes."""

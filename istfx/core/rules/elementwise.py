@@ -49,6 +49,25 @@ def rule_positions(ctx: OpContext) -> None:
     ctx.output(out)
 
 
+def rule_arange(ctx: OpContext) -> None:
+    """arange of a static length from plain numbers: a constant whose values are positions.
+
+    ``slopes = base ** arange(1, n + 1)`` (ALiBi, one slope per head): a subnet
+    holding heads {0, 2} needs the values at positions {0, 2}, i.e. the full
+    arange sliced by the held indices. So the output axis is an ordinary axis,
+    and the analysis stores the arange as a constant sliced with it
+    (:meth:`OpContext.as_constant`). An arange over a dynamic size (sequence
+    positions) or from tensor values stays frozen: its values follow the input.
+    """
+    out_dims = ctx.out_dims()
+    numbers = all(isinstance(ctx.arg(k), (int, float)) for k in ("start", "end", "step") if k in ctx.bound)
+    if not numbers or any(not isinstance(d, int) for d in out_dims):
+        rule_positions(ctx)
+        return
+    ctx.output(ctx.fresh(out_dims))
+    ctx.as_constant()
+
+
 def rule_copy(ctx: OpContext) -> None:
     x = ctx.axes("self")
     ctx.broadcast(x, [ctx.axes("src")])

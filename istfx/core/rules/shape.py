@@ -7,8 +7,8 @@ from typing import Callable
 import torch
 import torch.fx as fx
 
-from ..axes import CONCAT, SELECTED, SPATIAL
-from .context import OpContext, Sym, _dim_list, _norm_dim, dims, op_name, set_arg
+from ..axes import CONCAT, PRODUCT, SELECTED, SPATIAL
+from .context import OpContext, Sym, _dim_list, _norm_dim, dims, new_atom, op_name, set_arg
 from .reshape import _rewrite_size_list, reshape_axes
 
 
@@ -81,17 +81,82 @@ def rule_expand(ctx: OpContext) -> None:
 
 
 def rule_repeat(ctx: OpContext) -> None:
+    """Tiling: an axis of size n repeated r times is a product [r, n] whose minor factor is the input axis.
+
+    ``slopes.repeat(batch, 1, 1)`` (BLOOM's ALiBi, ``[heads, 1, L] -> [batch*heads, 1, L]``) folds a
+    dynamic batch over the heads: the heads are the minor factor, so cutting them keeps whole tiles
+    and the repeat needs no new arguments. New leading axes and the repeat factors are copies, frozen.
+    """
     x = ctx.axes("self")
     repeats = list(ctx.arg("repeats"))
-    out = ctx.fresh(ctx.out_dims())
-    lead = len(out) - len(x)
-    for i, o in enumerate(out):
-        if i >= lead and repeats[i] == 1:
-            ctx.same(o, x[i - lead])
-        else:
-            ctx.freeze(o, "repeated axis")
-            if i >= lead:
-                ctx.freeze(x[i - lead], "repeated axis")
+    out_dims = ctx.out_dims()
+    out = []
+    lead = len(out_dims) - len(x)
+    for i, d in enumerate(out_dims):
+        if i < lead:
+            out.append(ctx.fresh([d])[0])
+            ctx.freeze(out[-1], "repeated axis")
+            continue
+        a = x[i - lead]
+        if isinstance(repeats[i], int) and repeats[i] == 1:
+            out.append(a)
+            continue
+        n = ctx.dim(a)
+        if isinstance(n, Sym) or n == 1:
+            out.append(ctx.fresh([d])[0])
+            ctx.freeze(out[-1], "repeated axis")
+            if n != 1:
+                ctx.freeze(a, "repeated axis")
+            continue
+        out.append(_tiled(ctx, a, n, d))
+    ctx.output(out)
+
+
+def _tiled(ctx: OpContext, axis: int, n: int, d) -> int:
+    """The output axis of `axis` (static size n) tiled to size d: a product [copies, n]."""
+    alg = ctx.alg
+    if isinstance(d, Sym):
+        coeff, rest = d.expr.as_coeff_Mul()
+        copies = Sym(rest if int(coeff) == n else d.expr / n, d.hint // n)
+        folded = alg.new(d.hint, symbolic=d)  # not frozen itself: its static factor may be cut
+    else:
+        copies, folded = d // n, alg.new(d)
+    major = new_atom(alg, copies) if isinstance(copies, Sym) else alg.new(copies)
+    ctx.freeze(major, "repeated axis")
+    tile, minor = alg.refine(folded, PRODUCT, [alg.size(major), n])
+    alg.unify(tile, major)
+    ctx.same(minor, axis)
+    return folded
+
+
+def rule_repeat_interleave(ctx: OpContext) -> None:
+    """``repeat_interleave(x, r, dim)``: each element repeated r times in place, a product [axis, r].
+
+    A unit of the output is ``r`` consecutive elements per input unit (GPT-J's and Cohere's rotary
+    tables, ``[L, d/2] -> [L, d]`` with each frequency twice). Repeats over the flattened input (no
+    ``dim``) are refused loudly (the analysis reports the failed rule); repeats given as a tensor
+    (``repeat_interleave.self_Tensor``) have no rule: their sizes follow values.
+    """
+    if ctx.arg("dim") is None:
+        raise ValueError("repeat_interleave without dim repeats the flattened input")
+    x = ctx.axes("self")
+    d = _norm_dim(ctx.arg("dim"), len(x))
+    repeats, n = ctx.arg("repeats"), ctx.dim(x[d])
+    out = list(x)
+    out_dims = ctx.out_dims()
+    if not isinstance(repeats, int) or isinstance(n, Sym):
+        out[d] = ctx.fresh([out_dims[d]])[0]
+        ctx.freeze(out[d], "repeated axis")
+        ctx.freeze(x[d], "repeated axis")
+        ctx.output(out)
+        return
+    if repeats > 1:
+        out[d] = ctx.alg.new(n * repeats)
+        unit, copies = ctx.alg.refine(out[d], PRODUCT, [n, repeats])
+        ctx.same(unit, x[d])
+        ctx.freeze(copies, "repeated axis")
+    if isinstance(ctx.arg("output_size"), int):
+        ctx.rewrite(lambda node, new_size: set_arg(node, "output_size", new_size(out[d])))
     ctx.output(out)
 
 
@@ -190,6 +255,9 @@ def rule_slice(ctx: OpContext) -> None:
     end = n if end is None else min(_norm_dim(end, n), n)
     start = max(0, min(start, n))
     out = list(x)
+    if step != 1 and n % step == 0 and 0 <= start < step and end >= n - step + start + 1:
+        _phase(ctx, x, d, n, start, step)
+        return
     if step != 1:
         ctx.freeze(x[d], "strided slice")
         out[d] = ctx.fresh([out_dims[d]])[0]
@@ -206,6 +274,22 @@ def rule_slice(ctx: OpContext) -> None:
         s = new_size(before) if start else 0
         set_arg(node, "start", s)
         set_arg(node, "end", s + new_size(middle))
+
+    ctx.rewrite(rewrite)
+    ctx.output(out)
+
+
+def _phase(ctx: OpContext, x: list[int], d: int, n: int, start: int, step: int) -> None:
+    """``x[..., start::step]`` over an axis of n = k * step: the axis is a product [k, step] and the slice
+    selects position `start` of the minor factor (GPT-J's ``x[..., ::2]``, ``x[..., 1::2]``: the even and odd
+    halves of rotary pairs). The k major units are cut like any axis; the minor factor is a selector."""
+    major, minor = ctx.alg.refine(x[d], PRODUCT, [n // step, step])
+    ctx.freeze(minor, SELECTED)
+    out = list(x)
+    out[d] = major
+
+    def rewrite(node: fx.Node, new_size: Callable[[int], int]) -> None:
+        set_arg(node, "end", new_size(x[d]))
 
     ctx.rewrite(rewrite)
     ctx.output(out)

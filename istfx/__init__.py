@@ -26,6 +26,7 @@ _EXPORTS: dict[str, tuple[str, str | None]] = {
     "Disjoint": ("istfx.core.plan", "Disjoint"),
     "Overlap": ("istfx.core.plan", "Overlap"),
     "Rolling": ("istfx.core.plan", "Rolling"),
+    "Nested": ("istfx.core.plan", "Nested"),
     "register_rule": ("istfx.core.rules", "register_rule"),
     "OpContext": ("istfx.core.rules", "OpContext"),
     "fit": ("istfx.runtime.training", "fit"),
@@ -67,7 +68,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # static type checkers and IDEs see the real names
     from istfx.api import compile
     from istfx.core.compiler import ISTModel, ReassembleReport, SubnetInfo
-    from istfx.core.plan import Disjoint, Overlap, Plan, Rolling
+    from istfx.core.plan import Disjoint, Nested, Overlap, Plan, Rolling
     from istfx.core.rules import OpContext, register_rule
     from istfx.errors import CaptureError, ISTError, NonFiniteUpdateError, NothingToSplitError, UnsupportedOpError
     from istfx.runtime.training import History, evaluate, fit

@@ -77,7 +77,7 @@ def add_compile_options(p: argparse.ArgumentParser) -> None:
                    help="independent subnets per round (default: 4)")
     g.add_argument("--policy", default="disjoint",
                    help="how units are dealt to subnets: 'disjoint' (default), 'overlap(KEEP)' "
-                        "e.g. 'overlap(0.5)', or 'rolling'")
+                        "e.g. 'overlap(0.5)', 'rolling', or 'nested' (prefixes of --sizes, HeteroFL)")
     g.add_argument("--sizes", type=fractions, default=None, metavar="F1,F2,...",
                    help="heterogeneous subnets: one fraction of each split group per subnet, "
                         "e.g. 0.5,0.25,0.25 (default: equal shares)")

@@ -12,6 +12,9 @@ Policies say how a group's units are dealt to subnets in a round:
   ``xi`` fraction; units held by several subnets are averaged.
 - :class:`Rolling`: contiguous windows that move by one unit per round
   (FedRolex); disjoint when the sizes add up to one.
+- :class:`Nested`: every subnet holds the first units of each group, as many
+  as its ``sizes`` fraction (HeteroFL): smaller subnets are prefixes of larger
+  ones, the same every round; units held by several subnets are averaged.
 
 Assignments come from a generator seeded by ``(seed, round, group)``, so
 every process derives the same ones with no messages.
@@ -73,25 +76,38 @@ class Rolling:
         return [np.sort((s + np.arange(c)) % units) for s, c in zip(starts, counts)]
 
 
-Policy = Disjoint | Overlap | Rolling
+@dataclass(frozen=True)
+class Nested:
+    """Prefixes: subnet s holds units ``0 .. counts[s] - 1`` of every group (HeteroFL's nested sub-models)."""
+
+    disjoint = False
+
+    def deal(self, units: int, counts: list[int], rng: np.random.Generator, round: int) -> list[np.ndarray]:
+        """The first `count` units for each subnet, every round."""
+        return [np.arange(c) for c in counts]
+
+
+Policy = Disjoint | Overlap | Rolling | Nested
 
 
 def parse_policy(policy: str | Policy) -> Policy:
-    """'disjoint', 'rolling', 'overlap' or 'overlap(0.7)' (also accepts policy objects)."""
-    if isinstance(policy, (Disjoint, Overlap, Rolling)):
+    """'disjoint', 'rolling', 'nested', 'overlap' or 'overlap(0.7)' (also accepts policy objects)."""
+    if isinstance(policy, (Disjoint, Overlap, Rolling, Nested)):
         return policy
     text = str(policy).strip().lower().replace(" ", "")
     if text == "disjoint":
         return Disjoint()
     if text == "rolling":
         return Rolling()
+    if text == "nested":
+        return Nested()
     if text.startswith("overlap"):
         inner = text[len("overlap"):].strip("()").replace("keep=", "")
         try:
             return Overlap(float(inner)) if inner else Overlap()
         except ValueError as exc:
             raise ISTError(f"overlap policy {policy!r}: {exc}") from exc
-    raise ISTError(f"unknown policy {policy!r}: use 'disjoint', 'overlap(keep)' or 'rolling'")
+    raise ISTError(f"unknown policy {policy!r}: use 'disjoint', 'overlap(keep)', 'rolling' or 'nested'")
 
 
 @dataclass
@@ -237,6 +253,9 @@ def unit_counts(units: int, subnets: int, sizes: Sequence[float] | None, policy:
     never gets fewer units.
     """
     if sizes is None:
+        if isinstance(policy, Nested):
+            raise ISTError("the nested policy needs sizes, one fraction per subnet (e.g. sizes=[1, 0.5, 0.25, 0.25]):"
+                           " subnet s holds the first sizes[s] of every split group's units")
         if isinstance(policy, Overlap):
             return [max(1, round(policy.keep * units))] * subnets
         base, extra = divmod(units, subnets)
@@ -257,5 +276,5 @@ def unit_counts(units: int, subnets: int, sizes: Sequence[float] | None, policy:
     return counts
 
 
-__all__ = ["Plan", "Disjoint", "Overlap", "Rolling", "parse_policy", "unit_counts", "deal_blocks", "keep_probability",
+__all__ = ["Plan", "Disjoint", "Overlap", "Rolling", "Nested", "parse_policy", "unit_counts", "deal_blocks", "keep_probability",
            "EXACT", "APPROXIMATE", "FROZEN"]

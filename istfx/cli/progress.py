@@ -207,7 +207,9 @@ class StartupMonitor:
         if phase == "error":
             return ""
         if self.finished:
-            return f"rank {rank} exited with status {code}"
+            from istfx.runtime.launch import describe_exit
+
+            return f"rank {rank} {describe_exit(code)}"
         doing = "starting python" if phase == "starting" else _DOING.get(phase, phase)
         return f"rank {rank} failed while {doing} (exit status {code}); its output is above"
 

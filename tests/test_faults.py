@@ -26,12 +26,14 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from istfx.errors import ISTError
 from istfx.runtime import checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -298,3 +300,61 @@ def test_a_fault_that_ends_the_job_ends_it_cleanly(job, tmp_path, topology, targ
         assert j.proc.returncode not in (0, None)
         what = f"rank {target} was hung (no heartbeat for" if hung else f"rank {target} was killed by SIGKILL"
         assert what in err, err[-3000:]
+
+
+# -- DeepSpeed's JIT-built comm op: never a silent wait on an interrupted build -------------------------
+def _stale_lock(root: Path, age: float = 600.0) -> Path:
+    directory = root / "deepspeed_shm_comm"
+    directory.mkdir(parents=True)
+    (directory / "build.ninja").write_text("# an interrupted build\n", encoding="utf-8")
+    lock = directory / "lock"
+    lock.touch()
+    old = time.time() - age
+    for path in (lock, directory / "build.ninja", directory):
+        os.utime(path, (old, old))
+    return directory
+
+
+def test_a_stale_deepspeed_build_lock_is_reported_with_the_command_that_clears_it(tmp_path):
+    directory = _stale_lock(tmp_path / "ext")
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext"), "TMPDIR": str(tmp_path)}
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "istfx.cli.train", str(MODEL), "--backend", "deepspeed",
+                           "--subnets", "2", "--rounds", "2", "--threads", "1"], capture_output=True, text=True,
+                          env=env, cwd=tmp_path, timeout=START_TIMEOUT)
+    took = time.monotonic() - start
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    line = next(line for line in proc.stderr.splitlines() if "stale build lock" in line)
+    assert f"{directory / 'lock'}" in line and f"`rm -rf {directory}`" in line and "Traceback" not in proc.stderr
+    assert "starting 2 ranks" not in proc.stderr  # the launcher checks before it starts any rank
+    assert took < START_TIMEOUT / 2, took  # (its imports take seconds to a minute on a loaded CI machine)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("istfx-")]
+
+
+def test_a_deepspeed_build_in_progress_is_waited_for_with_a_message(tmp_path, monkeypatch):
+    from istfx.backends.deepspeed_engine import check_shm_op_build
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    directory = _stale_lock(tmp_path / "ext", age=0.0)
+    builder = subprocess.Popen(["sleep", "30"], cwd=directory)  # a build working in the folder
+    said: list[str] = []
+    try:
+        def finish():
+            time.sleep(2.0)
+            (directory / "lock").unlink()
+        threading.Thread(target=finish, daemon=True).start()
+        start = time.monotonic()
+        check_shm_op_build(wait=60, say=said.append)
+        took = time.monotonic() - start
+    finally:
+        builder.kill()
+        builder.wait()
+    assert 1.5 < took < 30 and said and f"being built in {directory} by process {builder.pid}" in said[0]
+    # a lock with no build behind it is stale at once
+    (directory / "lock").touch()
+    os.utime(directory / "lock", (time.time() - 600, time.time() - 600))
+    os.utime(directory, (time.time() - 600, time.time() - 600))
+    start = time.monotonic()
+    with pytest.raises(ISTError, match=f"stale build lock: {directory / 'lock'}"):
+        check_shm_op_build(wait=60, say=said.append)
+    assert time.monotonic() - start < 5.0

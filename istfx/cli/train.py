@@ -135,7 +135,7 @@ def _launch(args: argparse.Namespace, argv: Sequence[str]) -> int:
                       tolerate=(lambda rank: rank != 0) if tolerant else (lambda rank: False))
         if monitor.report_errors():
             code = code or EXIT_ERROR
-        elif code != 0:
+        if code != 0 and monitor.trained:  # a fault once training ran (not a set-up error): how to go on
             print(f"istfx: {resume_hint(args, argv)}", file=sys.stderr, flush=True)
     return code
 

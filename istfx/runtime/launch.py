@@ -57,6 +57,7 @@ LAUNCHER_PID_ENV = "ISTFX_LAUNCHER_PID"
 HEARTBEAT_INTERVAL = 0.5  # seconds between a rank's heartbeats (the mtime of ``alive-RANK``)
 _PR_SET_PDEATHSIG = 1
 _EXITED = "exited-"
+_REPORT_WAIT = 3.0  # seconds the other ranks get to report a failed rank before they are stopped
 
 
 class LaunchMonitor(Protocol):
@@ -387,7 +388,9 @@ def launch(
                     what = _failure(monitor, rank, code, hung)
                     if what:
                         print(f"istfx: {what}; stopping the job", file=sys.stderr, flush=True)
-                    deadline = time.monotonic() + grace  # the others notice and report it themselves
+                    # the others notice and report it themselves, or are stopped (a rank leaving a broken
+                    # process group can block in its teardown)
+                    deadline = time.monotonic() + min(grace, _REPORT_WAIT)
                     while any(p.poll() is None for p in processes) and time.monotonic() < deadline:
                         time.sleep(0.05)
                     _stop(processes, grace)

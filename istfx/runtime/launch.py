@@ -159,6 +159,35 @@ def _alive_file(status_dir: str | None, rank: str | None) -> str | None:
     return os.path.join(status_dir, f"alive-{rank}") if status_dir and rank is not None else None
 
 
+def _idle_for(status_dir: str | None, rank: int, pid: int, busy: dict[int, tuple[int, float]]) -> float | None:
+    """Seconds rank `rank` has neither beaten its heartbeat nor used CPU (None before its first beat).
+
+    A C++ call that holds the GIL while it spins (DeepSpeed's shared-memory
+    all-reduce waiting for a slow peer) stops the heartbeat thread but not the
+    CPU clock; a stopped or deadlocked process stops both.
+    """
+    silent = _silent_for(status_dir, rank)
+    if silent is None:
+        return None
+    now = time.monotonic()
+    ticks = _cpu_ticks(pid)
+    last, moved = busy.get(rank, (ticks, now))
+    if ticks != last:
+        moved = now
+    busy[rank] = (ticks, moved)
+    return min(silent, now - moved)
+
+
+def _cpu_ticks(pid: int) -> int:
+    """User plus system CPU time of process `pid` in clock ticks (-1 when unknown)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])
+    except (OSError, IndexError, ValueError):
+        return -1
+
+
 def _silent_for(status_dir: str | None, rank: int) -> float | None:
     """Seconds since rank `rank` last beat (None before its first beat)."""
     path = _alive_file(status_dir, str(rank))
@@ -311,9 +340,10 @@ def launch(
         status_dir: an existing folder the ranks see as ``ISTFX_STATUS_DIR``;
             the ready file is ``status_dir/ready`` then.
         monitor: follows the ranks while the launcher waits (see :class:`LaunchMonitor`).
-        heartbeat_timeout: with `status_dir`, a rank whose heartbeat (written by
-            :func:`guard_rank`) stops this long is hung (stopped by a signal,
-            swapped out): the launcher kills it, and the job treats it as dead.
+        heartbeat_timeout: with `status_dir`, once every rank joined, a rank
+            that neither beats its heartbeat (written by :func:`guard_rank`)
+            nor uses CPU for this long is hung (stopped by a signal,
+            deadlocked): the launcher kills it, and the job treats it as dead.
     """
     if nproc < 1:
         raise ValueError(f"nproc must be >= 1, got {nproc}")
@@ -355,6 +385,7 @@ def launch(
                                               preexec_fn=_die_with_parent(prctl, os.getpid())))
         recorded: set[int] = set()
         hung: dict[int, str] = {}
+        busy: dict[int, tuple[int, float]] = {}  # rank -> (CPU ticks, when they last moved)
         status = None
         while status is None:
             time.sleep(0.05)
@@ -363,8 +394,8 @@ def launch(
                 if code is not None and rank not in recorded:
                     recorded.add(rank)  # rank 0 reads it: a dead worker is known at once
                     _record_exit(status_dir, rank, code, hung.get(rank) or describe_exit(code))
-                elif code is None and heartbeat_timeout and rank not in hung:
-                    silent = _silent_for(status_dir, rank)
+                elif code is None and heartbeat_timeout and rank not in hung and os.path.exists(ready):
+                    silent = _idle_for(status_dir, rank, processes[rank].pid, busy)
                     if silent is not None and silent > heartbeat_timeout:
                         hung[rank] = f"hung (no heartbeat for {silent:.1f}s{_stopped(processes[rank].pid)})"
                         print(f"istfx: rank {rank} is {hung[rank]}; killing it", file=sys.stderr, flush=True)

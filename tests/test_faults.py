@@ -33,6 +33,7 @@ import torch
 
 from istfx.errors import ISTError
 from istfx.runtime import checkpoint
+from istfx.runtime.launch import free_port as _free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "examples" / "models" / "mlp_digits.py"
@@ -358,3 +359,41 @@ def test_a_deepspeed_build_in_progress_is_waited_for_with_a_message(tmp_path, mo
     with pytest.raises(ISTError, match=f"stale build lock: {directory / 'lock'}"):
         check_shm_op_build(wait=60, say=said.append)
     assert time.monotonic() - start < 5.0
+
+
+def test_sharded_under_torchrun_stops_within_the_heartbeat_timeout_of_a_hung_rank(tmp_path):
+    """Without our launcher the sharded ranks watch each other's heartbeat in the store."""
+    metrics = tmp_path / "m.jsonl"
+    command = [str(Path(sys.executable).parent / "torchrun"), "--nproc-per-node", "2", "--master-port",
+               str(_free_port()), "-m", "istfx.cli.train", str(_paced_model(tmp_path, 0.1)), "--subnets", "2",
+               "--topology", "sharded", "--rounds", "400", "--local-steps", "2", "--threads", "1", "--eval-every",
+               "50", "--heartbeat-timeout", str(HEARTBEAT), "--metrics", str(metrics)]
+    err = tmp_path / "stderr.txt"
+    with open(err, "w", encoding="utf-8") as stderr:
+        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr, cwd=tmp_path,
+                                start_new_session=True, env={**os.environ, "TMPDIR": str(tmp_path)})
+    ranks: dict[int, int] = {}
+    try:
+        deadline = time.monotonic() + START_TIMEOUT
+        while not (metrics.exists() and metrics.read_text(encoding="utf-8").count("\n") >= 2):
+            assert proc.poll() is None and time.monotonic() < deadline, err.read_text(encoding="utf-8")[-3000:]
+            time.sleep(0.1)
+        ranks = {int(_env_of(p)["RANK"]): p for p in _children(proc.pid) if "RANK" in _env_of(p)}
+        struck = time.monotonic()
+        os.kill(ranks[1], signal.SIGSTOP)
+        while _alive(ranks[0]) and time.monotonic() < struck + HEARTBEAT + EXIT_WITHIN:
+            time.sleep(0.05)
+        took = time.monotonic() - struck
+        print(f"sharded under torchrun, rank 1 SIGSTOP: rank 0 stopped the job {took:.1f}s after the fault")
+        assert not _alive(ranks[0]), err.read_text(encoding="utf-8")[-3000:]
+        assert "rank 1 is hung (no heartbeat for" in err.read_text(encoding="utf-8") and "--resume" in err.read_text(
+            encoding="utf-8")
+        os.kill(ranks[1], signal.SIGCONT)  # torchrun's SIGTERM is pending on it
+        assert proc.wait(timeout=60) != 0
+        assert not any(_alive(p) for p in ranks.values())
+    finally:
+        for pid in [proc.pid, *ranks.values()]:
+            if _alive(pid):
+                os.kill(pid, signal.SIGCONT)
+                os.kill(pid, signal.SIGKILL)
+        proc.wait(timeout=30)

@@ -272,6 +272,10 @@ def _train_rank(args: argparse.Namespace, status: RankStatus | None) -> int:
             if not args.quiet:
                 _summary(history, totals, ist)
             _save(args, ist)
+    except ISTError as exc:
+        if status is not None:  # said before leaving the process group, which can block when a peer is gone
+            status.error(str(exc))
+        raise
     finally:
         backend.close()
     return 0

@@ -57,7 +57,6 @@ LAUNCHER_PID_ENV = "ISTFX_LAUNCHER_PID"
 HEARTBEAT_INTERVAL = 0.5  # seconds between a rank's heartbeats (the mtime of ``alive-RANK``)
 _PR_SET_PDEATHSIG = 1
 _EXITED = "exited-"
-_REPORT_WAIT = 3.0  # seconds the other ranks get to report a failed rank before they are stopped
 
 
 class LaunchMonitor(Protocol):
@@ -195,6 +194,12 @@ def _silent_for(status_dir: str | None, rank: int) -> float | None:
         return time.time() - os.stat(path).st_mtime if path else None
     except OSError:
         return None
+
+
+def _reported(monitor: LaunchMonitor | None, rank: int) -> bool:
+    """Whether rank `rank` wrote its error for the launcher (a :class:`~istfx.cli.progress.StartupMonitor`)."""
+    phase_of = getattr(monitor, "phase_of", None)
+    return phase_of is not None and phase_of(rank) == "error"
 
 
 def _failure(monitor: LaunchMonitor | None, rank: int, code: int, hung: dict[int, str]) -> str:
@@ -419,10 +424,11 @@ def launch(
                     what = _failure(monitor, rank, code, hung)
                     if what:
                         print(f"istfx: {what}; stopping the job", file=sys.stderr, flush=True)
-                    # the others notice and report it themselves, or are stopped (a rank leaving a broken
-                    # process group can block in its teardown)
-                    deadline = time.monotonic() + min(grace, _REPORT_WAIT)
-                    while any(p.poll() is None for p in processes) and time.monotonic() < deadline:
+                    # the others notice and report it themselves; once they did (or exited) they are stopped:
+                    # a rank leaving a broken process group can block in its teardown
+                    deadline = time.monotonic() + grace
+                    while any(p.poll() is None and not _reported(monitor, r) for r, p in enumerate(processes)) \
+                            and time.monotonic() < deadline:
                         time.sleep(0.05)
                     _stop(processes, grace)
                     return code if code > 0 else 1

@@ -284,14 +284,13 @@ def guard_rank(on_stop: Callable[[str, bool], None] | None = None, poll: float =
                 with contextlib.suppress(OSError):
                     with open(beat, "w", encoding="ascii"):
                         pass  # the launcher reads its modification time
-            ready, _, _ = select.select([read_end], [], [], poll)
+            readable, _, _ = select.select([read_end], [], [], poll)
             orphaned = os.getppid() != launcher_pid
-            if ready:
-                data = os.read(read_end, 64)
-                signum = data[-1] if data else signal.SIGTERM
-                name = signal.Signals(signum).name if signum in signal.Signals._value2member_map_ else str(signum)
-                orphaned = orphaned or os.getppid() != launcher_pid
-                stop("the launcher died" if orphaned else f"stopped by {name}", orphaned, 128 + signum)
+            # the wakeup pipe carries every signal that has a Python handler: act on ours only
+            caught = [n for n in (os.read(read_end, 64) if readable else b"") if n in (signal.SIGTERM, signal.SIGINT)]
+            if caught:
+                name = signal.Signals(caught[-1]).name
+                stop("the launcher died" if orphaned else f"stopped by {name}", orphaned, 128 + caught[-1])
             elif orphaned:
                 stop("the launcher died", True, 1)
 

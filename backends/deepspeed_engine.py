@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
 import time
 from typing import Any
 
@@ -60,7 +61,7 @@ from .memory import peak_rss_mb, rss_mb
 from .model_storage import release_model, state_of
 from .torch_base import TorchDistBackend, init_distributed
 
-__all__ = ["DeepSpeedBackend", "PRECISIONS"]
+__all__ = ["BUILD_COMMAND", "DeepSpeedBackend", "PRECISIONS", "check_shm_op_build", "shm_op_directory"]
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 _HEADER = 7  # float64 fields of a leader's result header: round, samples, loss, correct, steps, rss, peak
@@ -76,6 +77,81 @@ def _deepspeed():
             "(a plain `pip install deepspeed` may build against a fresh torch download)."
         ) from exc
     return deepspeed
+
+
+# -- DeepSpeed's CPU shared-memory comm op, JIT-built on first use --------------------------------------
+SHM_OP = "deepspeed_shm_comm"
+_STALE_AFTER = 15.0  # seconds a lock may sit with no build process before it counts as stale
+_SAY_EVERY = 15.0
+
+
+def shm_op_directory() -> str:
+    """Where torch builds DeepSpeed's shm comm op (``$TORCH_EXTENSIONS_DIR/deepspeed_shm_comm``, by default
+    ``~/.cache/torch_extensions/pyXY_cpu/deepspeed_shm_comm``)."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    return _get_build_directory(SHM_OP, verbose=False)
+
+
+def _builders(directory: str) -> list[int]:
+    """Processes working in `directory` (ninja and the compilers it runs there)."""
+    found = []
+    real = os.path.realpath(directory)
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if entry.isdigit():
+            try:
+                if os.path.realpath(os.readlink(f"/proc/{entry}/cwd")) == real:
+                    found.append(int(entry))
+            except OSError:
+                continue
+    return found
+
+
+def check_shm_op_build(wait: float = 1800.0, say=None) -> None:
+    """Make sure a first use of DeepSpeed on CPU will not wait forever on an interrupted build of its op.
+
+    torch's JIT build guards the build folder with a ``lock`` file
+    (``FileBaton``) that an interrupted build leaves behind; every later run
+    then waits on it without a word. A lock with a build running (a process
+    working in the folder, or a lock younger than a few seconds) is waited for
+    with a message (at most `wait` seconds); a lock with no build is stale: an
+    :class:`ISTError` names it and the command that clears it. Build the op
+    ahead with ``scripts/setup.sh`` (or the command in :data:`BUILD_COMMAND`).
+    """
+    if torch.cuda.is_available():
+        return  # GPU runs use NCCL: DeepSpeed builds no shm op
+    directory = shm_op_directory()
+    lock = os.path.join(directory, "lock")
+    if say is None:
+        def say(text: str) -> None:
+            print(text, file=sys.stderr, flush=True)
+    start = last_said = time.monotonic()
+    while os.path.exists(lock):
+        builders = _builders(directory)
+        try:
+            age = time.time() - max(os.stat(p).st_mtime for p in (lock, directory) if os.path.exists(p))
+        except OSError:
+            continue  # the lock just went away
+        if not builders and age > _STALE_AFTER:
+            raise ISTError(
+                f"DeepSpeed's shared-memory comm op has a stale build lock: {lock} (an interrupted build, "
+                f"{age:.0f}s old, no build running). Clear it with `rm -rf {directory}` and run again "
+                f"(the op is rebuilt on first use, or ahead with: {BUILD_COMMAND})."
+            )
+        now = time.monotonic()
+        if now - start > wait:
+            raise ISTError(f"DeepSpeed's shared-memory comm op is still being built in {directory} after "
+                           f"{wait:.0f}s (processes {builders}); wait for it or stop them and `rm -rf {directory}`.")
+        if now - last_said >= _SAY_EVERY or last_said == start:
+            last_said = now
+            who = f" by process {', '.join(map(str, builders))}" if builders else ""
+            say(f"istfx: waiting for DeepSpeed's shared-memory comm op being built in {directory}{who} "
+                f"({now - start:.0f}s)...")
+        time.sleep(0.5)
+
+
+BUILD_COMMAND = ("python -c \"from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder; "
+                 "ShareMemCommBuilder().load()\"")
 
 
 class _GroupTopology:
@@ -217,6 +293,7 @@ class DeepSpeedBackend(TorchDistBackend):
         self.gradient_accumulation = gradient_accumulation
         self.precision = precision
         self.extra_config = dict(config or {})
+        check_shm_op_build()  # before any rank starts: never a silent wait on an interrupted build
 
     def configure_state(self, config: StateConfig) -> None:
         """Carry optimizer state / take the outer step. Rank 0 keeps the full state and the outer momentum,
@@ -274,6 +351,7 @@ class DeepSpeedBackend(TorchDistBackend):
         import deepspeed.comm as dcomm
 
         backend = "nccl" if torch.cuda.is_available() else "gloo"
+        check_shm_op_build()  # DeepSpeed's comm init builds its op on first use
         init_distributed(self.timeout, backend)  # our store on MASTER_ADDR only; DeepSpeed reuses the group
         deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=self.timeout))
         self.rank, self.world_size = dcomm.get_rank(), dcomm.get_world_size()

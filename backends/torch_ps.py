@@ -5,10 +5,16 @@ its subnet's parameters and buffers as one flat buffer (point to point),
 trains slot 0 itself, receives the trained slices back and reassembles them,
 weighted by samples. The other ranks hold only the subnet of their round.
 
-A rank that dies or hangs mid-round is detected by a heartbeat and a round
-timeout: the round completes without it, its units keep their previous
-values (``ISTModel.reassemble`` reports it as missing), the rank is excluded
-from later rounds and the job goes on. Completion is signalled through the
+A rank that dies is known within a fraction of a second when ``istfx
+train`` started the ranks (the launcher records every exit in
+``ISTFX_STATUS_DIR``, :func:`istfx.runtime.launch.exited_ranks`); a hung
+one by its heartbeat (``heartbeat_timeout``) and, last, the round timeout.
+The round completes without it: its slot's update of that round is lost and
+its units keep their previous values (``ISTModel.reassemble`` reports it as
+missing). The rank is excluded, and from the next round on its slot is dealt
+to a live rank (:meth:`TorchPSBackend.deal`: workers first, round-robin;
+a rank then trains its slots one after the other), so every unit keeps
+training; the job goes on. Completion is signalled through the
 rendezvous store, never through a blocking receive, because a timed-out gloo
 receive tears down the whole process group.
 
@@ -35,6 +41,7 @@ import contextlib
 import os
 import time
 import warnings
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -44,6 +51,7 @@ from istfx.core.compiler import ISTModel, ReassembleReport
 from istfx.runtime import checkpoint as ckpt
 from istfx.runtime import comm
 from istfx.runtime.backend_api import RoundResult, SubnetResult, TrainSubnet, model_device
+from istfx.runtime.launch import describe_exit, exit_reason, exited_ranks
 from istfx.runtime.optim_state import attach, pack_state, trained_names, unpack_state
 from istfx.runtime.state_travel import CentralState, StateConfig
 
@@ -54,9 +62,16 @@ from .torch_base import TorchDistBackend, message_tag, rendezvous_store
 __all__ = ["TorchPSBackend"]
 
 _TRAIN, _STOP = 1, 0
-_DOWN = 4  # int64 fields of rank 0's header: kind, round, optimizer-state layout bytes, optimizer-state bytes
+_DOWN = 6  # int64 fields of rank 0's header: kind, round, optimizer-state layout bytes, optimizer-state bytes,
+# the slot, and how many slots the worker trains this round (its own first, then any dealt to it)
+_MAX_DEALT = 64  # tags leave room for this many slots per rank and round
 _HEADER = 12  # float64 fields of a worker's result header (the last two: its optimizer state's layout and bytes)
 _KIND_HEADER, _KIND_PAYLOAD, _KIND_RESULT, _KIND_UPDATE, _KIND_STATE, _KIND_STATE_BACK = range(6)
+
+
+def _tag(round: int, j: int, kind: int) -> int:
+    """The tag of message `kind` of the `j`-th slot a worker trains in `round`."""
+    return message_tag(round * _MAX_DEALT + j, kind)
 
 
 class TorchPSBackend(TorchDistBackend):
@@ -98,6 +113,7 @@ class TorchPSBackend(TorchDistBackend):
         self._stopped: set[int] = set()  # rank 0: excluded ranks already told to stop
         self._graveyard: list[Any] = []  # rank 0: abandoned works and their buffers stay alive
         self._central: CentralState | None = None  # rank 0: carried optimizer state and outer momentum
+        self._exits_checked = 0.0  # rank 0: when the launcher's exit records were last read
 
     def configure_state(self, config: StateConfig) -> None:
         """Carry optimizer state / take the outer step: rank 0 keeps the full state and the outer momentum
@@ -140,9 +156,35 @@ class TorchPSBackend(TorchDistBackend):
             return self._server_round(ist, round, train_subnet)
         return self._worker_round(ist, round, train_subnet)
 
+    def deal(self, round: int) -> dict[int, list[int]]:
+        """Rank -> the slots it trains in `round`: its own, plus the slots of excluded ranks dealt round-robin
+        over the live ranks (workers first), so no unit goes untrained once its rank is gone."""
+        live = [r for r in range(1, self.world_size) if r not in self.failed]
+        out = {r: [r] for r in [0, *live]}
+        takers = [*live, 0]
+        for i, slot in enumerate(sorted(self.failed)):
+            out[takers[i % len(takers)]].append(slot)
+        return out
+
+    def _check_exits(self, ranks: Iterable[int]) -> dict[int, str]:
+        """Ranks among `ranks` our launcher saw exit (``ISTFX_STATUS_DIR``), with what it saw; at most every 50 ms."""
+        now = time.monotonic()
+        if now - self._exits_checked < 0.05:
+            return {}
+        self._exits_checked = now
+        status_dir = os.environ.get("ISTFX_STATUS_DIR")
+        exited = exited_ranks(status_dir)
+        return {r: f"rank {r} {exit_reason(status_dir, r) or describe_exit(exited[r])} (seen by the launcher)"
+                for r in ranks if r in exited}
+
     def _server_round(self, ist: ISTModel, round: int, train_subnet: TrainSubnet) -> RoundResult:
         start = time.perf_counter()
         world = self.world_size
+        self._exits_checked = 0.0
+        for r, reason in self._check_exits([r for r in range(1, world) if r not in self.failed]).items():
+            self.failed[r] = f"before round {round}: {reason}"  # gone between rounds: nothing of it is lost
+            warnings.warn(f"istfx: {reason}; its slot {r} is dealt to a live rank from round {round} on",
+                          RuntimeWarning, stacklevel=2)
         subnets = ist.decompose(round)
         traffic = [comm.Traffic() for _ in range(world)]
         central, slices = None, None
@@ -151,50 +193,79 @@ class TorchPSBackend(TorchDistBackend):
                 self._central = CentralState(ist, self.state_config)
             central, slices = self._central, self.round_slices(round)[0]
             central.begin(ist)
-            attach(subnets[0], central.for_subnet(slices, 0, self.slot_names(round, 0)))
         for rank in [s for s in self.failed if s not in self._stopped]:
-            header = torch.tensor([_STOP, round, 0, 0], dtype=torch.int64, device=self.comm_device)
+            header = torch.tensor([_STOP, round, 0, 0, 0, 0], dtype=torch.int64, device=self.comm_device)
             with contextlib.suppress(Exception):  # a dead rank refuses; a hung one reads it when it wakes
-                self._graveyard.append((dist.isend(header, rank, tag=message_tag(round, _KIND_HEADER)), header))
+                self._graveyard.append((dist.isend(header, rank, tag=_tag(round, 0, _KIND_HEADER)), header))
             self._stopped.add(rank)
-        live = [s for s in range(1, world) if s not in self.failed]
+        deal = self.deal(round)
+        trainer = {slot: rank for rank, slots in deal.items() for slot in slots}
+        own = deal[0]
+        if central is not None:
+            for slot in own:
+                attach(subnets[slot], central.for_subnet(slices, slot, self.slot_names(round, slot)))
         sends: list[tuple[int, Any, torch.Tensor]] = []
-        receives: dict[int, tuple] = {}
-        for s in live:
-            names = self.slot_names(round, s)
-            state = state_of(subnets[s])
-            payload = comm.pack([state[n] for n in names], self.compress, device=self.comm_device)
-            carried = central.for_subnet(slices, s, names) if central is not None else None
-            state_buffer, layout_nbytes = (pack_state(carried, names, self.compress, self.comm_device) if carried
-                                           else (None, 0))
-            header = torch.tensor([_TRAIN, round, layout_nbytes, 0 if state_buffer is None else state_buffer.numel()],
-                                  dtype=torch.int64, device=self.comm_device)
-            messages = [(header, _KIND_HEADER), (payload, _KIND_PAYLOAD)]
-            if state_buffer is not None:
-                messages.append((state_buffer, _KIND_STATE))
-            for tensor, kind in messages:
-                sends.append((s, dist.isend(tensor, s, tag=message_tag(round, kind)), tensor))
-                traffic[0].add(sent=comm.tensor_nbytes(tensor))
-                traffic[s].add(received=comm.tensor_nbytes(tensor))
+        receives: dict[int, tuple] = {}  # slot -> works and buffers
+        for rank, slots in deal.items():
+            if rank == 0:
+                continue
+            for j, s in enumerate(slots):
+                names = self.slot_names(round, s)
+                state = state_of(subnets[s])
+                payload = comm.pack([state[n] for n in names], self.compress, device=self.comm_device)
+                carried = central.for_subnet(slices, s, names) if central is not None else None
+                state_buffer, layout_nbytes = (pack_state(carried, names, self.compress, self.comm_device)
+                                               if carried else (None, 0))
+                header = torch.tensor([_TRAIN, round, layout_nbytes,
+                                       0 if state_buffer is None else state_buffer.numel(), s, len(slots)],
+                                      dtype=torch.int64, device=self.comm_device)
+                messages = [(header, _KIND_HEADER), (payload, _KIND_PAYLOAD)]
+                if state_buffer is not None:
+                    messages.append((state_buffer, _KIND_STATE))
+                for tensor, kind in messages:
+                    sends.append((rank, dist.isend(tensor, rank, tag=_tag(round, j, kind)), tensor))
+                    traffic[0].add(sent=comm.tensor_nbytes(tensor))
+                    traffic[rank].add(received=comm.tensor_nbytes(tensor))
         # Receives are posted after every send: NCCL runs a pair's operations in the order posted.
-        for s in live:
-            result_header = torch.zeros(_HEADER, dtype=torch.float64, device=self.comm_device)
-            update = torch.empty(comm.packed_nbytes(self.slot_specs(round, s), self.compress),
-                                 dtype=torch.uint8, device=self.comm_device)
-            receives[s] = (
-                dist.irecv(result_header, s, tag=message_tag(round, _KIND_RESULT)), result_header,
-                dist.irecv(update, s, tag=message_tag(round, _KIND_UPDATE)), update,
-            )
+        position = {s: j for slots in deal.values() for j, s in enumerate(slots)}
+        for rank, slots in deal.items():
+            if rank == 0:
+                continue
+            for j, s in enumerate(slots):
+                result_header = torch.zeros(_HEADER, dtype=torch.float64, device=self.comm_device)
+                update = torch.empty(comm.packed_nbytes(self.slot_specs(round, s), self.compress),
+                                     dtype=torch.uint8, device=self.comm_device)
+                receives[s] = (
+                    dist.irecv(result_header, rank, tag=_tag(round, j, _KIND_RESULT)), result_header,
+                    dist.irecv(update, rank, tag=_tag(round, j, _KIND_UPDATE)), update,
+                )
         home = model_device(ist.model)
-        results: dict[int, SubnetResult] = {0: train_subnet(0, subnets[0])}
-        subnets[0].to(home)
+        results: dict[int, SubnetResult] = {}
+        returned_state: dict[int, Any] = {}
+        for s in own:  # slot 0, then the slots dealt to rank 0
+            results[s] = train_subnet(s, subnets[s])
+            subnets[s].to(home)
+            returned_state[s] = results[s].optimizer_state
         memory: dict[int, tuple[float | None, float | None]] = {0: (rss_mb(), peak_rss_mb())}
-        failed_now: dict[int, str] = {}
-        returned_state: dict[int, Any] = {0: results[0].optimizer_state}
+        failed_now: dict[int, str] = {}  # rank -> why
+        lost: dict[int, int] = {}  # slot -> the rank that was training it
         deadline = start + self.round_timeout
-        pending = set(live)
+        pending = set(receives)
+
+        def drop(rank: int, reason: str) -> None:
+            failed_now[rank] = reason
+            for slot in [s for s in pending if trainer[s] == rank]:
+                lost[slot] = rank
+                self._graveyard.append(receives[slot])
+                pending.discard(slot)
+
         while pending:
+            for r, reason in self._check_exits({trainer[s] for s in pending}).items():
+                drop(r, reason)
             for s in sorted(pending):
+                rank = trainer[s]
+                if s not in pending:
+                    continue
                 key = self._done_key(round, s)
                 if self.store.check([key]):
                     work_h, head, work_u, update = receives[s]
@@ -202,9 +273,7 @@ class TorchPSBackend(TorchDistBackend):
                         work_h.wait()
                         work_u.wait()
                     except Exception as exc:  # the rank went away while sending
-                        failed_now[s] = f"connection lost: {str(exc).splitlines()[0][:160]}"
-                        self._graveyard.append(receives[s])
-                        pending.discard(s)
+                        drop(rank, f"connection lost: {str(exc).splitlines()[0][:160]}")
                         continue
                     with contextlib.suppress(Exception):
                         self.store.delete_key(key)
@@ -213,39 +282,38 @@ class TorchPSBackend(TorchDistBackend):
                         samples=int(values[1]), loss_sum=values[2],
                         correct=None if values[3] < 0 else int(values[3]), steps=int(values[4]),
                     )
-                    memory[s] = (values[5] if values[5] >= 0 else None, values[6] if values[6] >= 0 else None)
-                    traffic[s].add(sent=head.numel() * 8 + update.numel())
+                    memory[rank] = (values[5] if values[5] >= 0 else None, values[6] if values[6] >= 0 else None)
+                    traffic[rank].add(sent=head.numel() * 8 + update.numel())
                     traffic[0].add(received=head.numel() * 8 + update.numel())
                     self.write_update(round, s, subnets[s], update)
                     if int(values[11]) > 0:  # the worker's trained optimizer state follows its update
                         back = torch.empty(int(values[11]), dtype=torch.uint8, device=self.comm_device)
-                        dist.recv(back, s, tag=message_tag(round, _KIND_STATE_BACK))
+                        dist.recv(back, rank, tag=_tag(round, position[s], _KIND_STATE_BACK))
                         returned_state[s] = unpack_state(back, int(values[10]), self.compress)
-                        traffic[s].add(sent=back.numel())
+                        traffic[rank].add(sent=back.numel())
                         traffic[0].add(received=back.numel())
                     pending.discard(s)
                 else:
-                    stale = self._heartbeat_stale(s)
+                    stale = self._heartbeat_stale(rank)
                     if stale is not None:
-                        failed_now[s] = f"rank {s} died: no heartbeat for {stale:.1f}s"
-                        self._graveyard.append(receives[s])
-                        pending.discard(s)
+                        drop(rank, f"rank {rank} died: no heartbeat for {stale:.1f}s")
             if pending and time.perf_counter() > deadline:
-                for s in sorted(pending):
-                    failed_now[s] = f"no result within the round timeout ({self.round_timeout:g}s)"
-                    self._graveyard.append(receives[s])
-                pending.clear()
+                for rank in sorted({trainer[s] for s in pending}):
+                    drop(rank, f"no result within the round timeout ({self.round_timeout:g}s)")
             if pending:
                 time.sleep(0.002)
-        for s, work, tensor in sends:
-            if s in failed_now:
+        for rank, work, tensor in sends:
+            if rank in failed_now:
                 self._graveyard.append((work, tensor))
             else:
                 work.wait()
-        for s, reason in failed_now.items():
-            self.failed[s] = f"round {round}: {reason}"
-            warnings.warn(f"istfx: rank {s} left out of round {round} and excluded: {reason}", RuntimeWarning,
-                          stacklevel=2)
+        for rank, reason in failed_now.items():
+            self.failed[rank] = f"round {round}: {reason}"
+            slots = sorted(s for s, r in lost.items() if r == rank)
+            warnings.warn(f"istfx: rank {rank} left out of round {round} and excluded: {reason}; the update of "
+                          f"slot{'s' * (len(slots) > 1)} {', '.join(map(str, slots))} in this round is lost "
+                          "(those units keep their values), and from the next round on the live ranks train "
+                          "its slot", RuntimeWarning, stacklevel=2)
         accepted = sorted(results)
         report = ist.reassemble(
             [subnets[s] for s in accepted], weights=[max(results[s].samples, 1) for s in accepted],
@@ -262,12 +330,14 @@ class TorchPSBackend(TorchDistBackend):
         extra = {
             "topology": "ps",
             "compress": self.compress or "none",
-            "bytes_sent": [None if s in dead and s not in results else traffic[s].sent for s in range(world)],
-            "bytes_received": [None if s in dead and s not in results else traffic[s].received
+            "bytes_sent": [None if s in dead and s not in deal else traffic[s].sent for s in range(world)],
+            "bytes_received": [None if s in dead and s not in deal else traffic[s].received
                                for s in range(world)],
             "failed": {int(s): r for s, r in sorted(failed_now.items())},
             "excluded": sorted(int(s) for s in dead),
             "missing": list(report.missing),
+            "lost": {int(s): int(r) for s, r in sorted(lost.items())},
+            "dealt": {int(s): int(r) for s, r in sorted(trainer.items()) if s != r},
             "rss_mb": [memory.get(s, (None, None))[0] for s in range(world)],
             "rss_peak_mb": [memory.get(s, (None, None))[1] for s in range(world)],
         }
@@ -276,28 +346,48 @@ class TorchPSBackend(TorchDistBackend):
 
     def _worker_round(self, ist: ISTModel, round: int, train_subnet: TrainSubnet) -> RoundResult:
         start = time.perf_counter()
-        slot = self.rank
         parameters, sizes = self.slot_sizes(round)
+        header = None
         if self.active:
             header = torch.zeros(_DOWN, dtype=torch.int64, device=self.comm_device)
-            dist.recv(header, 0, tag=message_tag(round, _KIND_HEADER))
+            dist.recv(header, 0, tag=_tag(round, 0, _KIND_HEADER))
             if int(header[0]) == _STOP:
                 self.active = False
         if not self.active:
-            report = ReassembleReport(round, missing=[slot])
-            return RoundResult(round, [SubnetResult(0, 0.0, None, 0)], report, parameters, sizes,
-                               time.perf_counter() - start, {"excluded": [slot]})
+            report = ReassembleReport(round, missing=[self.rank])
+            return RoundResult(round, [SubnetResult(0, 0.0, None, 0) for _ in range(self.world_size)], report,
+                               parameters, sizes, time.perf_counter() - start, {"excluded": [self.rank]})
+        results = [SubnetResult(0, 0.0, None, 0) for _ in range(self.world_size)]
+        trained, sent, received = [], 0, 0
+        for j in range(int(header[5])):  # this rank's own slot, then any slot dealt to it
+            if j > 0:
+                header = torch.zeros(_DOWN, dtype=torch.int64, device=self.comm_device)
+                dist.recv(header, 0, tag=_tag(round, j, _KIND_HEADER))
+            slot = int(header[4])
+            result, up, down = self._train_slot(round, j, slot, header, train_subnet, start)
+            results[slot] = result
+            trained.append(slot)
+            sent += up
+            received += down
+        report = ReassembleReport(round, accepted=trained)
+        extra = {"bytes_sent": sent, "bytes_received": received}
+        return RoundResult(round, results, report, parameters, sizes, time.perf_counter() - start, extra)
+
+    def _train_slot(self, round: int, j: int, slot: int, header: torch.Tensor, train_subnet: TrainSubnet,
+                    start: float) -> tuple[SubnetResult, int, int]:
+        """Receive slot `slot` (the `j`-th this rank trains in `round`), train it, send it back;
+        returns (result, bytes sent, bytes received)."""
         names = self.slot_names(round, slot)
         specs = self.slot_specs(round, slot)
         payload = torch.empty(comm.packed_nbytes(specs, self.compress), dtype=torch.uint8, device=self.comm_device)
-        dist.recv(payload, 0, tag=message_tag(round, _KIND_PAYLOAD))
+        dist.recv(payload, 0, tag=_tag(round, j, _KIND_PAYLOAD))
         received = comm.tensor_nbytes(header) + payload.numel()
         values = comm.unpack(payload, specs, self.compress)
         del payload
         carried = None
         if int(header[3]) > 0:  # the optimizer state this slot's units carry
             buffer = torch.empty(int(header[3]), dtype=torch.uint8, device=self.comm_device)
-            dist.recv(buffer, 0, tag=message_tag(round, _KIND_STATE))
+            dist.recv(buffer, 0, tag=_tag(round, j, _KIND_STATE))
             received += buffer.numel()
             carried = unpack_state(buffer, int(header[2]), self.compress)
             del buffer
@@ -323,21 +413,17 @@ class TorchPSBackend(TorchDistBackend):
              time.perf_counter() - start, received, 0.0, back_layout, 0 if back is None else back.numel()],
             dtype=torch.float64, device=self.comm_device,
         )
-        works = [dist.isend(head, 0, tag=message_tag(round, _KIND_RESULT)),
-                 dist.isend(update, 0, tag=message_tag(round, _KIND_UPDATE))]
+        works = [dist.isend(head, 0, tag=_tag(round, j, _KIND_RESULT)),
+                 dist.isend(update, 0, tag=_tag(round, j, _KIND_UPDATE))]
         # The state goes last: rank 0 receives it once it has read the header that announces it.
-        state_work = dist.isend(back, 0, tag=message_tag(round, _KIND_STATE_BACK)) if back is not None else None
+        state_work = dist.isend(back, 0, tag=_tag(round, j, _KIND_STATE_BACK)) if back is not None else None
         for work in works:
             work.wait()
         self.store.set(self._done_key(round, slot), b"1")
         if state_work is not None:
             state_work.wait()
-        report = ReassembleReport(round, accepted=[slot])
-        results = [SubnetResult(0, 0.0, None, 0) for _ in range(self.world_size)]
-        results[slot] = result
-        extra = {"bytes_sent": head.numel() * 8 + update.numel() + (0 if back is None else back.numel()),
-                 "bytes_received": received}
-        return RoundResult(round, results, report, parameters, sizes, time.perf_counter() - start, extra)
+        sent = head.numel() * 8 + update.numel() + (0 if back is None else back.numel())
+        return result, sent, received
 
     # -- checkpoints ---------------------------------------------------------------------------------
     def save_checkpoint(self, ist: ISTModel, root: str | os.PathLike, round: int, rank_state: dict,

@@ -39,6 +39,8 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import sys
+import threading
 import time
 import warnings
 from collections.abc import Iterator
@@ -53,6 +55,7 @@ from istfx.errors import ISTError
 from istfx.runtime import checkpoint as ckpt
 from istfx.runtime import comm
 from istfx.runtime.backend_api import RoundResult, SubnetResult, TrainSubnet
+from istfx.runtime.launch import LAUNCHER_PID_ENV
 from istfx.runtime.optim_state import attach
 from istfx.runtime.outer import MOMENTUM_KEY
 from istfx.runtime.state_travel import StateConfig, outer_names
@@ -60,7 +63,7 @@ from istfx.runtime.state_travel import StateConfig, outer_names
 from .memory import peak_rss_mb, rss_mb
 from .model_storage import is_released, materialize_model, release_model, state_of
 from .row_slicing import masked_put, masked_take, put_block, select, take_block
-from .torch_base import TorchDistBackend, is_comm_error, message_tag
+from .torch_base import TorchDistBackend, is_comm_error, message_tag, rendezvous_store
 
 __all__ = ["TorchShardedBackend"]
 
@@ -103,9 +106,13 @@ class TorchShardedBackend(TorchDistBackend):
         init_from: a safetensors file with the initial model state; ranks read
             only the rows they need and never materialise the full model.
         backend: ``"gloo"`` or ``"nccl"`` (default: NCCL when CUDA is available).
-        round_timeout, heartbeat_timeout: accepted so that one
-            ``TorchDistBackend(topology, ...)`` call serves both topologies;
-            unused here (a failed rank stops the job).
+        heartbeat_timeout: a rank whose heartbeat stops this long is hung: the
+            job stops (every rank exits, resumable from the last checkpoint)
+            instead of waiting up to `timeout` in a collective. Under ``istfx
+            train`` the launcher watches the ranks; under torchrun they watch
+            each other through the store (:meth:`watch_peers`). None: off.
+        round_timeout: accepted so that one ``TorchDistBackend(topology, ...)``
+            call serves both topologies; unused here (a failed rank stops the job).
     """
 
     topology = "sharded"
@@ -123,6 +130,7 @@ class TorchShardedBackend(TorchDistBackend):
     ) -> None:
         self._check_topology(topology)
         super().__init__(compress=compress, timeout=timeout, init_from=init_from, backend=backend)
+        self.heartbeat_timeout = None if not heartbeat_timeout else float(heartbeat_timeout)
         self.held_for: int | None = None
         self.gathered = False
         self._reset_state()
@@ -189,6 +197,7 @@ class TorchShardedBackend(TorchDistBackend):
             self._take(source, start_round)
         release_model(ist)
         self.gathered = False
+        self.watch_peers()
 
     def _take(self, source, round: int) -> None:
         """Start-up: read this rank's slices of `round`, its home rows and the shared tensors."""
@@ -240,6 +249,57 @@ class TorchShardedBackend(TorchDistBackend):
         if specs:
             dist.broadcast(buffer, 0)
         self.shared = dict(zip(self.shared_names, comm.unpack(buffer, specs)))
+
+    # -- failure detection (no unit has a second copy: a hung or dead rank stops the job) -------------
+    def watch_peers(self) -> None:
+        """Under torchrun: beat this rank's heartbeat in the store and end this process when a peer's stops
+        for ``heartbeat_timeout`` (or the store stops answering), so torchrun stops the job at once instead
+        of every rank waiting in a collective for the process group timeout. Under ``istfx train`` the
+        launcher does this for every rank (nothing to do here)."""
+        if not self.heartbeat_timeout or self.world_size < 2 or os.environ.get(LAUNCHER_PID_ENV):
+            return
+        self.start_heartbeat(self.heartbeat_timeout)
+        self._watching = True
+        threading.Thread(target=self._watch_loop, name="istfx-peer-watch", daemon=True).start()
+
+    def close(self) -> None:
+        """Say goodbye to the peers' watch (a rank done with the job is not hung), then leave."""
+        if getattr(self, "_watching", False):
+            with contextlib.suppress(Exception):
+                rendezvous_store(5.0).set(f"bye/{self.rank}", b"1")
+        super().close()
+
+    def _watch_loop(self) -> None:
+        timeout = self.heartbeat_timeout
+        stop = self.heartbeat.stop
+        try:
+            store = rendezvous_store(timeout)
+        except Exception:
+            return
+        now = time.monotonic()
+        seen = {r: ("", now) for r in range(self.world_size) if r != self.rank}
+        while not stop.wait(min(1.0, timeout / 10)):
+            for peer, (value, when) in list(seen.items()):
+                try:
+                    if store.check([f"bye/{peer}"]):  # done with the job
+                        del seen[peer]
+                        continue
+                    beat = store.get(f"hb/{peer}").decode() if store.check([f"hb/{peer}"]) else ""
+                except Exception as exc:  # rank 0 holds the store: it is hung or gone
+                    if stop.is_set():
+                        return
+                    self._stop_hung(0, f"the store on rank 0 does not answer ({str(exc).splitlines()[0][:80]})")
+                now = time.monotonic()
+                if beat != value:
+                    seen[peer] = (beat, now)
+                elif now - when > timeout and not stop.is_set():
+                    self._stop_hung(peer, f"no heartbeat for {now - when:.1f}s")
+
+    def _stop_hung(self, peer: int, why: str) -> None:
+        print(f"istfx: rank {self.rank}: rank {peer} is hung ({why}); each unit of the sharded job lives on one "
+              "rank only, so it cannot go on: stopping. Restart with --resume (fit(..., resume=True)) from the "
+              "last checkpoint.", file=sys.stderr, flush=True)
+        os._exit(1)
 
     # -- the exchange ----------------------------------------------------------------------
     def _owners(self, slices: RoundSlices, name: str) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:

@@ -16,3 +16,7 @@ fi
 .venv/bin/python -m pip install -q -e ".[bench]"
 # DeepSpeed builds against the torch above only without build isolation (else it may fetch a CUDA torch).
 .venv/bin/python -m pip install -q --no-build-isolation "deepspeed${DEEPSPEED_VERSION:-==0.19.8}"
+# DeepSpeed JIT-builds its CPU shared-memory comm op on first use; build it now, so that no run waits on the
+# build (an interrupted first build would leave a lock that istfx reports; see backends/deepspeed_engine.py).
+.venv/bin/python -c "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder; ShareMemCommBuilder().load()" \
+  >/dev/null

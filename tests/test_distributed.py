@@ -287,10 +287,13 @@ def test_ps_survives_nan_update_killed_and_hung_ranks(workdir):
     rows = _metrics(out / "m.jsonl")
     assert [r["round"] for r in rows] == [0, 1, 2, 3, 4]
     assert rows[0]["rejected"] == [1] and "non-finite" in rows[0]["rejected_reasons"]["1"]
-    assert list(rows[1]["failed"]) == ["2"] and "died" in rows[1]["failed"]["2"] and rows[1]["missing"] == [2]
+    # the launcher saw rank 2 exit and told rank 0 within the round; its slot goes to rank 1 from round 2
+    assert list(rows[1]["failed"]) == ["2"] and "exited with status 17" in rows[1]["failed"]["2"]
+    assert rows[1]["missing"] == [2] and rows[2]["dealt"] == {"2": 1}
     assert list(rows[2]["failed"]) == ["1"] and "timeout" in rows[2]["failed"]["1"]
-    assert rows[2]["missing"] == [1, 2] and rows[4]["excluded"] == [1, 2] and rows[4]["missing"] == [1, 2]
-    assert rows[4]["bytes_sent"][0] == 0  # rank 0 trains alone once both are excluded
+    assert rows[2]["missing"] == [1, 2] and rows[4]["excluded"] == [1, 2]
+    assert rows[4]["missing"] == [] and rows[4]["dealt"] == {"1": 0, "2": 0}  # no unit goes untrained
+    assert rows[4]["bytes_sent"][0] == 0  # rank 0 trains every slot once both are excluded
     final = _load(out / "final.safetensors")
     assert all(torch.isfinite(t).all() for t in final.values() if t.is_floating_point())
     assert rows[-1]["train_loss"] < rows[0]["train_loss"]

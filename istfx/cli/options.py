@@ -178,9 +178,9 @@ exit status: 0 on success, 2 on a usage or model error, the failing rank's statu
 
 # Options that only one backend reads: given with another backend they are an error, not ignored.
 BACKEND_OPTIONS: dict[str, tuple[str, ...]] = {
-    "torch": ("topology", "compress", "round_timeout", "heartbeat_timeout"),
+    "torch": ("topology", "compress", "round_timeout"),
     "deepspeed": ("data_parallel", "zero_stage", "grad_accum", "precision"),
-    "torch or deepspeed": ("master_port", "timeout", "init_from"),
+    "torch or deepspeed": ("master_port", "timeout", "init_from", "heartbeat_timeout"),
 }
 
 
@@ -230,6 +230,9 @@ def configure_train(p: argparse.ArgumentParser) -> None:
     d.add_argument("--init-from", default=None, metavar="STATE.safetensors",
                    help="initial model state (e.g. a --save of another run); ranks build the model on the "
                         "meta device and read only their rows. `istfx train` writes one itself")
+    d.add_argument("--heartbeat-timeout", type=number(minimum=0.0), default=60.0,
+                   help="a rank whose process is silent this long (stopped, swapped out) is taken as hung: "
+                        "the launcher kills it and the job goes on as for a dead rank (0: off; default: 60)")
     d.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed
 
     tb = p.add_argument_group("--backend torch")
@@ -241,8 +244,6 @@ def configure_train(p: argparse.ArgumentParser) -> None:
     tb.add_argument("--round-timeout", type=number(above=0.0), default=300.0,
                     help="ps: seconds to wait for a round's results before going on without a rank "
                          "(default: 300)")
-    tb.add_argument("--heartbeat-timeout", type=number(minimum=0.0), default=60.0,
-                    help="ps: a rank silent this long is taken as dead (0: off; default: 60)")
 
     ds = p.add_argument_group("--backend deepspeed")
     ds.add_argument("--data-parallel", type=positive_int, default=1, metavar="D",

@@ -134,6 +134,7 @@ class StartupMonitor:
         self.first_done: float | None = None  # when the first rank finished the current phase
         self.told: dict[int, float] = {}  # rank -> when we last said we wait for it
         self.finished = False
+        self.trained = False  # every rank joined: training ran
 
     def _say(self, text: str) -> None:
         if self.enabled:
@@ -163,6 +164,7 @@ class StartupMonitor:
             return
         now = time.monotonic()
         if self.ready_file and os.path.exists(self.ready_file):
+            self.trained = True
             while self.done < len(PHASES):  # every rank joined: the remaining milestones are reached
                 self._milestone(now)
             self.finished = True
@@ -207,7 +209,9 @@ class StartupMonitor:
         if phase == "error":
             return ""
         if self.finished:
-            return f"rank {rank} exited with status {code}"
+            from istfx.runtime.launch import describe_exit
+
+            return f"rank {rank} {describe_exit(code)}"
         doing = "starting python" if phase == "starting" else _DOING.get(phase, phase)
         return f"rank {rank} failed while {doing} (exit status {code}); its output is above"
 

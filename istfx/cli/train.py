@@ -31,6 +31,7 @@ The model file contract is :mod:`istfx.cli.loader`'s.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import tempfile
@@ -83,7 +84,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     if not distributed:
         return _train_local(args)
     if is_rank:
-        return _rank(args)
+        return _rank(args, argv)
     return _launch(args, argv)
 
 
@@ -130,10 +131,34 @@ def _launch(args: argparse.Namespace, argv: Sequence[str]) -> int:
         monitor.begin()
         code = launch(worker_argv(argv, args, init_from), ranks, module="istfx.cli.train", threads=threads,
                       master_port=args.master_port, status_dir=tmp, monitor=monitor,
+                      heartbeat_timeout=args.heartbeat_timeout or None,
                       tolerate=(lambda rank: rank != 0) if tolerant else (lambda rank: False))
-        if monitor.report_errors() and code == 0:
-            code = EXIT_ERROR
+        if monitor.report_errors():
+            code = code or EXIT_ERROR
+        if code != 0 and monitor.trained:  # a fault once training ran (not a set-up error): how to go on
+            print(f"istfx: {resume_hint(args, argv)}", file=sys.stderr, flush=True)
     return code
+
+
+def resume_hint(args: argparse.Namespace, argv: Sequence[str]) -> str:
+    """One line on how to go on after a failed run: ``--resume`` from the newest checkpoint when one exists."""
+    import shlex
+
+    strip = {"--resume", "--resume-if-present"}
+    kept = [a for a in argv if a not in strip]
+    command = "istfx train " + shlex.join(kept)
+    if args.checkpoint_dir is None:
+        return (f"no --checkpoint-dir was given, so there is nothing to resume from: rerun `{command}` "
+                "(add --checkpoint-dir DIR to be able to resume).")
+    newest = None
+    with contextlib.suppress(Exception):
+        from istfx.runtime import checkpoint
+
+        newest = checkpoint.find(args.checkpoint_dir)
+    if newest is None:
+        return f"no checkpoint was completed in {args.checkpoint_dir} yet: rerun `{command}`."
+    return (f"to resume from the newest checkpoint (round {newest.round + 1} done, {newest.path}): "
+            f"`{command} --resume`")
 
 
 def _initial_state(args: argparse.Namespace, directory: str) -> str:
@@ -176,8 +201,9 @@ def _describe(args: argparse.Namespace) -> str:
 
 
 # -- the ranks ------------------------------------------------------------------------------------
-def _rank(args: argparse.Namespace) -> int:
+def _rank(args: argparse.Namespace, argv: Sequence[str]) -> int:
     status = RankStatus.from_env()  # set when our launcher started this rank: it reports for us
+    _guard(args, argv)
     try:
         return _train_rank(args, status)
     except ISTError as exc:
@@ -185,6 +211,36 @@ def _rank(args: argparse.Namespace) -> int:
             raise
         status.error(str(exc))
         return EXIT_ERROR
+    except Exception as exc:
+        from istfx.backends.torch_base import is_comm_error
+
+        if status is None or not is_comm_error(exc):
+            raise
+        # A peer is gone (killed, or stopped by the launcher): the launcher says which and how to resume.
+        print(f"istfx: rank {os.environ.get('RANK')} stopped: it lost the connection to another rank",
+              file=sys.stderr, flush=True)
+        return 1
+
+
+def _guard(args: argparse.Namespace, argv: Sequence[str]) -> None:
+    """Exit promptly when the launcher dies or stops us; rank 0 then says how to resume."""
+    from istfx.runtime.launch import guard_rank
+
+    def on_stop(reason: str, orphaned: bool) -> None:
+        if os.environ.get("RANK") == "0" and orphaned:
+            print(f"istfx: {reason}; rank 0 stops the job. {resume_hint(args, _user_argv(argv))}",
+                  file=sys.stderr, flush=True)
+
+    guard_rank(on_stop)
+
+
+def _user_argv(argv: Sequence[str]) -> list[str]:
+    """The rank's arguments without the ``--init-from`` its launcher added (a file it has removed)."""
+    argv = list(argv)
+    status_dir = os.environ.get("ISTFX_STATUS_DIR")
+    if status_dir and len(argv) >= 2 and argv[-2] == "--init-from" and argv[-1].startswith(status_dir):
+        return argv[:-2]
+    return argv
 
 
 def _train_rank(args: argparse.Namespace, status: RankStatus | None) -> int:
@@ -216,6 +272,10 @@ def _train_rank(args: argparse.Namespace, status: RankStatus | None) -> int:
             if not args.quiet:
                 _summary(history, totals, ist)
             _save(args, ist)
+    except ISTError as exc:
+        if status is not None:  # said before leaving the process group, which can block when a peer is gone
+            status.error(str(exc))
+        raise
     finally:
         backend.close()
     return 0
@@ -335,6 +395,7 @@ def _printer(args: argparse.Namespace, quiet: bool):
     from istfx.runtime import comm
 
     totals = comm.ByteTotals()
+    shown: dict = {}
 
     def show(row: dict) -> None:
         sent, received = totals.add(row)
@@ -353,6 +414,12 @@ def _printer(args: argparse.Namespace, quiet: bool):
         line += f"  {row['seconds']:.2f}s"
         for slot, reason in (row.get("failed") or {}).items():
             line += f"\n    rank {slot} left out: {reason}"
+        for slot, rank in (row.get("lost") or {}).items():
+            line += f"\n    slot {slot}: this round's update lost with rank {rank} (its units keep their values)"
+        dealt = row.get("dealt") or {}
+        if dealt and dealt != shown.get("dealt"):
+            line += "\n    " + ", ".join(f"slot {s} now trained by rank {r}" for s, r in sorted(dealt.items()))
+        shown["dealt"] = dealt
         for slot, reason in (row.get("rejected_reasons") or {}).items():
             line += f"\n    subnet {slot} rejected: {reason}"
         print(line, flush=True)

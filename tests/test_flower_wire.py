@@ -339,3 +339,59 @@ def test_tls_options_need_every_file(tmp_path, model_file, capsys):
     assert "needs all of --ssl-ca-certfile" in capsys.readouterr().err
     assert main(["fl", str(model_file), "--tls-dir", str(tmp_path)]) == 2
     assert "TLS files not found" in capsys.readouterr().err
+
+
+def test_federation_processes_die_with_a_killed_launcher(tmp_path) -> None:
+    """`kill -9` of the launcher: what it spawned (SuperLink, SuperNodes, flwr run) gets the parent-death signal."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    pid_file = tmp_path / "child.pid"
+    launcher = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import subprocess, time
+        from istfx.runtime.launch import die_with_this_process
+        child = subprocess.Popen(["sleep", "60"], start_new_session=True, preexec_fn=die_with_this_process())
+        open({str(pid_file)!r}, "w").write(str(child.pid))
+        time.sleep(60)
+    """)])
+    try:
+        deadline = time.monotonic() + 30
+        while not (pid_file.exists() and pid_file.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        child = int(pid_file.read_text())
+        os.kill(launcher.pid, signal.SIGKILL)
+        launcher.wait(10)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and _running(child):
+            time.sleep(0.05)
+        assert not _running(child), "the launcher's child outlived it"
+    finally:
+        launcher.kill()
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_fl_removes_the_folders_of_killed_launchers(tmp_path) -> None:
+    import subprocess
+
+    from istfx.cli.fl import _remove_orphaned_folders
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    orphan, live, foreign = (tmp_path / f"istfx-fl-{name}" for name in ("orphan", "live", "foreign"))
+    for folder in (orphan, live, foreign):
+        (folder / "logs").mkdir(parents=True)
+    (orphan / "owner.pid").write_text(str(dead.pid))
+    (live / "owner.pid").write_text(str(__import__("os").getpid()))
+    _remove_orphaned_folders(tmp_path)
+    assert not orphan.exists()
+    assert live.exists() and foreign.exists()

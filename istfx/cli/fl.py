@@ -18,9 +18,12 @@ The model file contract is :mod:`istfx.cli.loader`'s.
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
+
 from istfx.cli import options
 from istfx.cli.loader import MODEL_FILE_HELP
 from istfx.errors import ISTError
@@ -149,11 +152,39 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
               "SUPERLINK` (SuperNodes need --node-config 'partition-id=K num-partitions=N')", flush=True)
         return 0
     tls = _tls(args)
-    with tempfile.TemporaryDirectory(prefix="istfx-fl-") as tmp:
+    _remove_orphaned_folders(Path(tempfile.gettempdir()))
+    with tempfile.TemporaryDirectory(prefix=_TMP_PREFIX) as tmp:
+        (Path(tmp) / _OWNER_FILE).write_text(str(os.getpid()))
         logs = Path(args.logs).resolve() if args.logs else Path(tmp) / "logs"
         metrics = str(Path(args.metrics).resolve()) if args.metrics else str(Path(tmp) / "metrics.jsonl")
         settings = settings_from_args(args, str(model.resolve()), metrics)
         return _run_federation(args, settings, tls, logs, Path(tmp) / "app")
+
+
+_TMP_PREFIX = "istfx-fl-"
+_OWNER_FILE = "owner.pid"
+
+
+def _remove_orphaned_folders(tmp_root: Path) -> None:
+    """Remove the temporary folders of ``istfx fl`` runs whose launcher was killed (``kill -9`` leaves them; its
+    Flower processes die with it through the parent-death signal)."""
+    for folder in tmp_root.glob(_TMP_PREFIX + "*"):
+        try:
+            owner = int((folder / _OWNER_FILE).read_text())
+        except (OSError, ValueError):
+            continue  # not ours, or still being set up
+        if not _alive(owner):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _run_federation(args: argparse.Namespace, settings, tls, logs: Path, app_dir: Path) -> int:

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from istfx.errors import ISTError
+from istfx.runtime.launch import die_with_this_process
 
 __all__ = ["LocalFederation", "TlsFiles", "free_port", "write_app"]
 
@@ -206,7 +207,7 @@ class LocalFederation:
         handle = open(self.workdir / log_name, "wb")
         self._logs.append(handle)
         return subprocess.Popen(argv, stdout=handle, stderr=subprocess.STDOUT, env=self.env(extra_env),
-                                cwd=self.workdir, start_new_session=True)
+                                cwd=self.workdir, start_new_session=True, preexec_fn=die_with_this_process())
 
     # -- lifecycle ------------------------------------------------------------------------------
     def __enter__(self) -> "LocalFederation":
@@ -274,7 +275,7 @@ class LocalFederation:
         self._logs.append(handle)
         self.flwr = subprocess.Popen([_bin("flwr"), "run", str(app_dir), "istfx-local", "--stream"],
                                      stdout=handle, stderr=subprocess.STDOUT, env=self.env(), cwd=self.workdir,
-                                     start_new_session=True)
+                                     start_new_session=True, preexec_fn=die_with_this_process())
         return self.flwr
 
     def run_app(self, app_dir: str | Path, metrics: str | Path, rounds: int, timeout: float,

@@ -224,6 +224,13 @@ def _libc_prctl():
     return None
 
 
+def die_with_this_process() -> Callable[[], None]:
+    """A ``preexec_fn`` for ``subprocess.Popen``: the child gets SIGTERM when this process dies, however it dies
+    (``kill -9`` included; Linux's parent-death signal, nothing elsewhere). Spawn from the main thread: the
+    signal follows the thread that started the child."""
+    return _die_with_parent(_libc_prctl(), os.getpid())
+
+
 def _die_with_parent(prctl, parent: int) -> Callable[[], None]:
     """A ``preexec_fn``: the child gets SIGTERM when the launcher dies (Linux; nothing elsewhere)."""
     def setup() -> None:

@@ -31,9 +31,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from istfx.errors import ISTError
-from istfx.runtime.launch import die_with_this_process
+from istfx.runtime.launch import die_with_this_process, free_port
 
-__all__ = ["LocalFederation", "TlsFiles", "free_port", "write_app"]
+__all__ = ["LocalFederation", "TlsFiles", "write_app"]
 
 _LOOPBACK = "127.0.0.1"
 
@@ -110,13 +110,6 @@ def write_app(directory: str | Path, run_config: dict[str, Any], model_file: str
     if model_file is not None:
         shutil.copyfile(model_file, directory / Path(model_file).name)
     return directory
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((_LOOPBACK, 0))
-        return s.getsockname()[1]
 
 
 @dataclass(frozen=True)

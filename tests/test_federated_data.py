@@ -131,7 +131,7 @@ def test_labels_of_reads_any_dataset_of_pairs_and_refuses_float_labels():
 
 
 def test_bad_arguments_are_refused():
-    assert parse_alpha("iid") == parse_alpha("inf") == IID == math.inf
+    assert parse_alpha("iid") == parse_alpha("inf") == parse_alpha(None) == IID == math.inf
     assert parse_alpha("0.1") == 0.1
     for bad in ("0", "-1", "nan", "many", 0, True):
         with pytest.raises(ISTError, match="alpha"):
@@ -140,6 +140,10 @@ def test_bad_arguments_are_refused():
         dirichlet_label_partition([0, 1], 0, 0.5)
     with pytest.raises(ISTError, match="fewer clients"):
         dirichlet_label_partition([0, 1, 2], 4, 0.5)
+    with pytest.raises(ISTError, match="integer classes"):
+        dirichlet_label_partition(torch.tensor([0.0, 1.0]), 1, 0.5)
+    import numpy as np
+    assert [p.tolist() for p in dirichlet_label_partition(np.array([1, 0, 1]), 1, None)] == [[0, 1, 2]]
     with pytest.raises(ISTError, match=r"labels must lie in \[0, 2\)"):
         LabelPartition.of_labels([0, 1, 2], 1, 0.5, classes=2)
 

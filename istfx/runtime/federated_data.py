@@ -57,8 +57,10 @@ IID = math.inf
 # -- Dirichlet label partitions ---------------------------------------------------------------------------------
 
 
-def parse_alpha(value: str | float) -> float:
-    """A Dirichlet concentration from a flag: ``"iid"`` or ``"inf"`` is :data:`IID`, else a number > 0."""
+def parse_alpha(value: str | float | None) -> float:
+    """A Dirichlet concentration from a flag: ``"iid"``, ``"inf"`` or None is :data:`IID`, else a number > 0."""
+    if value is None:
+        return IID
     if isinstance(value, str):
         text = value.strip().lower()
         if text in ("iid", "inf", "infinity"):
@@ -86,13 +88,13 @@ def labels_of(dataset: Any) -> torch.Tensor:
     return labels.long()
 
 
-def dirichlet_label_partition(labels: Sequence[int] | torch.Tensor, clients: int, alpha: float | str,
+def dirichlet_label_partition(labels: Sequence[int] | torch.Tensor, clients: int, alpha: float | str | None,
                               seed: int = 0, *, min_samples: int = 1) -> list[torch.Tensor]:
     """Each client's sample indices (sorted int64 tensors) under a Dirichlet(`alpha`) label partition.
 
     For every class, its samples (in a seeded random order) are cut into
     `clients` consecutive runs whose lengths follow shares drawn from
-    Dirichlet(`alpha`). ``alpha = inf`` (``"iid"``) instead deals a seeded
+    Dirichlet(`alpha`). ``alpha = inf`` (``"iid"``, None) instead deals a seeded
     permutation of all samples into `clients` parts of equal size (±1).
     Afterwards any client under `min_samples` takes random samples, one at a
     time, from the client holding the most, so small α never leaves a
@@ -103,7 +105,10 @@ def dirichlet_label_partition(labels: Sequence[int] | torch.Tensor, clients: int
             or an `alpha` that is not > 0.
     """
     alpha = parse_alpha(alpha)
-    labels = torch.as_tensor(labels).long().reshape(-1)
+    labels = torch.as_tensor(labels).reshape(-1)
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise ISTError(f"labels must be integer classes, got dtype {labels.dtype}.")
+    labels = labels.long()
     n = len(labels)
     if isinstance(clients, bool) or not isinstance(clients, int) or clients < 1:
         raise ISTError(f"clients must be an int >= 1, got {clients!r}.")

@@ -19,6 +19,7 @@ from istfx.runtime.federated_data import (
     document_partition,
     join_documents,
     labels_of,
+    leaf_clients,
     parse_alpha,
     pydoc_topics,
     stdlib_sources,
@@ -232,3 +233,51 @@ def test_document_partition_refuses_what_it_cannot_split():
         document_partition([Document("a", b"x"), Document("a", b"y")], 1)
     with pytest.raises(ISTError, match="val_fraction"):
         document_partition(docs([5, 5]), 1, val_fraction=1.0)
+
+
+# -- LEAF files ----------------------------------------------------------------------------------------------------
+
+
+def test_leaf_femnist_and_shakespeare_files_give_one_dataset_per_user(tmp_path):
+    import json
+
+    femnist = {"users": ["f0001_02", "f0002_07"], "num_samples": [2, 1], "hierarchies": [],
+               "user_data": {"f0001_02": {"x": [[0.0] * 784, [1.0] * 784], "y": [3, 41]},
+                             "f0002_07": {"x": [[0.5] * 784], "y": [9]}}}
+    folder = tmp_path / "femnist"
+    folder.mkdir()
+    (folder / "all_data_1.json").write_text(json.dumps(femnist))
+    (folder / "all_data_0.json").write_text(json.dumps({"users": ["f0000_01"], "num_samples": [1],
+                                                        "user_data": {"f0000_01": {"x": [[0.25] * 784],
+                                                                                   "y": [0]}}}))
+    users = leaf_clients(folder)
+    assert [u for u, _ in users] == ["f0000_01", "f0001_02", "f0002_07"]  # files in name order
+    x, y = users[1][1].tensors
+    assert x.shape == (2, 784) and x.dtype == torch.float32 and y.tolist() == [3, 41]
+
+    shakespeare = {"users": ["THE_TEMPEST_MIRANDA"], "num_samples": [2],
+                   "user_data": {"THE_TEMPEST_MIRANDA": {"x": ["O, I have suff", "ered\nWith thos"],
+                                                         "y": ["e", "e"]}}}
+    file = tmp_path / "shakespeare.json"
+    file.write_text(json.dumps(shakespeare))
+    [(user, data)] = leaf_clients(file)
+    x, y = data.tensors
+    assert user == "THE_TEMPEST_MIRANDA" and x.dtype == torch.int64 and x.shape == (2, 14)
+    assert bytes(x[1].tolist()) == b"ered\nWith thos" and y.tolist() == [ord("e")] * 2
+
+
+def test_leaf_refuses_files_that_are_not_leaf(tmp_path):
+    import json
+
+    with pytest.raises(ISTError, match="no LEAF JSON files"):
+        leaf_clients(tmp_path)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"users": ["a"]}))
+    with pytest.raises(ISTError, match="not a LEAF file"):
+        leaf_clients(bad)
+    bad.write_text(json.dumps({"users": ["a"], "num_samples": [2], "user_data": {"a": {"x": [[1.0]], "y": [0]}}}))
+    with pytest.raises(ISTError, match="num_samples 2"):
+        leaf_clients(bad)
+    bad.write_text(json.dumps({"users": ["a"], "num_samples": [1], "user_data": {"a": {"x": ["\u20ac"], "y": ["e"]}}}))
+    with pytest.raises(ISTError, match="beyond one byte"):
+        leaf_clients(bad)

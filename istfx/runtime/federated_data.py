@@ -17,6 +17,9 @@ Two kinds of split:
   client or to the held-out validation set, so clients differ the way
   writers do; :class:`ByteWindows` turns a client's bytes into next-byte
   samples ``(x, y)``, ``y`` being ``x`` shifted by one byte.
+- :func:`leaf_clients`: datasets that come already split by user, in the
+  LEAF benchmark's JSON format (FEMNIST by writer, Shakespeare by speaking
+  role); they cannot be downloaded here, so only the format is read.
 
 The same arguments give the same split in every process: the federated
 server and each client can rebuild it independently.
@@ -44,6 +47,7 @@ __all__ = [
     "dirichlet_label_partition",
     "document_partition",
     "labels_of",
+    "leaf_clients",
     "parse_alpha",
     "pydoc_topics",
     "stdlib_sources",
@@ -381,3 +385,65 @@ class ByteWindows(Dataset):
         start = index * self.stride
         row = self.tokens[start:start + self.block_size + 1]
         return row[:-1], row[1:]
+
+
+# -- LEAF: datasets already split by user ----------------------------------------------------------------------
+
+
+def leaf_clients(path: str | Path) -> list[tuple[str, TensorDataset]]:
+    """Per-user datasets from LEAF JSON files (``{"users", "num_samples", "user_data": {user: {"x", "y"}}}``).
+
+    `path` is one ``.json`` file or a folder of them (read in name order;
+    users are listed in file order). Numeric ``x`` rows (FEMNIST's 784
+    pixels) become float32 tensors with int64 labels; string ``x`` rows
+    (Shakespeare's 80-character windows) become int64 byte values, and a
+    one-character string ``y`` its byte value, as the byte-level text task.
+
+    Raises:
+        ISTError: no JSON file, a file that is not LEAF's format, a user whose
+            ``x`` and ``y`` lengths differ or disagree with ``num_samples``, or
+            text outside one byte per character.
+    """
+    import json
+
+    path = Path(path)
+    files = sorted(path.glob("*.json")) if path.is_dir() else [path]
+    if not files or not all(f.is_file() for f in files):
+        raise ISTError(f"no LEAF JSON files at {path}: pass a .json file or a folder of them.")
+    clients: list[tuple[str, TensorDataset]] = []
+    for file in files:
+        try:
+            data = json.loads(file.read_text(encoding="utf-8"))
+            users, counts, user_data = data["users"], data["num_samples"], data["user_data"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise ISTError(f"{file.name} is not a LEAF file (users, num_samples, user_data): {exc}") from None
+        if len(users) != len(counts):
+            raise ISTError(f"{file.name}: {len(users)} users but {len(counts)} num_samples entries.")
+        for user, count in zip(users, counts):
+            rows = user_data.get(user)
+            if rows is None or "x" not in rows or "y" not in rows:
+                raise ISTError(f"{file.name}: user {user!r} has no x and y in user_data.")
+            x, y = rows["x"], rows["y"]
+            if not len(x) == len(y) == count:
+                raise ISTError(f"{file.name}: user {user!r} has {len(x)} x, {len(y)} y, num_samples {count}.")
+            clients.append((str(user), TensorDataset(_leaf_tensor(x, file, user), _leaf_labels(y, file, user))))
+    return clients
+
+
+def _text_bytes(text: str, file: Path, user: str) -> list[int]:
+    codes = [ord(c) for c in text]
+    if any(c > 255 for c in codes):
+        raise ISTError(f"{file.name}: user {user!r} has a character beyond one byte in {text[:20]!r}.")
+    return codes
+
+
+def _leaf_tensor(x: list, file: Path, user: str) -> torch.Tensor:
+    if x and isinstance(x[0], str):
+        return torch.tensor([_text_bytes(row, file, user) for row in x], dtype=torch.int64)
+    return torch.tensor(x, dtype=torch.float32)
+
+
+def _leaf_labels(y: list, file: Path, user: str) -> torch.Tensor:
+    if y and isinstance(y[0], str):
+        return torch.tensor([_text_bytes(label, file, user)[0] for label in y], dtype=torch.int64)
+    return torch.tensor(y, dtype=torch.int64)

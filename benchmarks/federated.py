@@ -370,9 +370,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--grid", choices=sorted(GRIDS), default="headline")
     p.add_argument("--models", default=None, help="comma-separated subset of the grid's models")
     p.add_argument("--methods", default=None, help="comma-separated subset of " + ",".join(METHODS))
+    p.add_argument("--lrs", default=None, help="comma-separated learning rates (overrides the grid's)")
+    p.add_argument("--alphas", default=None, help="comma-separated α values for every model (overrides the grid's)")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a Run field for every run, e.g. --set rounds=10 --set clients=32")
     p.add_argument("--work", type=Path, default=Path("/tmp/istfx_federated"), help="per-run JSONL and logs")
     p.add_argument("--out", type=Path, default=DOCS, help="where federated.json and the plots go")
-    p.add_argument("--timeout", type=float, default=900, help="seconds one run may take")
+    p.add_argument("--timeout", type=float, default=600, help="seconds one run may take")
     p.add_argument("--fresh", action="store_true", help="drop the runs already in OUT/federated.json")
     p.add_argument("--report", action="store_true", help="only redo tables and plots from OUT/federated.json")
     args = p.parse_args(argv)
@@ -385,6 +389,18 @@ def main(argv: list[str] | None = None) -> None:
         grid.models = tuple(m for m in args.models.split(",") if m in grid.models)
     if args.methods:
         grid.methods = tuple(m for m in args.methods.split(",") if m in METHODS)
+    if args.lrs:
+        grid.lrs = tuple(float(v) for v in args.lrs.split(","))
+    if args.alphas:
+        alphas = tuple(args.alphas.split(","))
+        grid.alphas = {model: alphas for model in grid.models}
+        grid.tune_alpha = grid.tune_alpha if grid.tune_alpha in alphas else alphas[0]
+    types = {name: type(value) for name, value in asdict(Run("mlp", "ist", "0.5", 0.1)).items()}
+    for item in args.set:
+        name, _, value = item.partition("=")
+        if name not in types or name in ("model", "method", "alpha", "lr"):
+            p.error(f"--set {item}: FIELD must be one of {', '.join(sorted(set(types) - {'model', 'method', 'alpha', 'lr'}))}")
+        grid.base[name] = types[name](value)
     args.work.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
     records = []

@@ -190,6 +190,41 @@ def execute(run: Run, work: Path, timeout: float) -> dict:
     return {**record, **meta, "rounds": rounds}
 
 
+def partitions(models: tuple[str, ...], alphas: dict[str, tuple[str, ...]], clients: int, seed: int) -> dict:
+    """The label partition each client of the federation trains on, as the engine deals it
+    (``istfx.flower.data.client_indices``), per model and α: sizes, histograms, skew."""
+    import torch
+
+    from istfx.cli.loader import load_model_file
+    from istfx.flower.data import client_indices, datasets
+    from istfx.runtime.federated_data import LabelPartition, labels_of, parse_alpha
+
+    out = {}
+    for model in models:
+        if model == "gpt":
+            continue
+        train, _ = datasets(load_model_file(ROOT / MODELS[model]), "auto", seed)
+        labels = labels_of(train)
+        for alpha in alphas[model]:
+            engine_alpha = None if math.isinf(parse_alpha(alpha)) else parse_alpha(alpha)
+            indices = tuple(torch.as_tensor(client_indices(train, c, clients, engine_alpha, seed))
+                            for c in range(clients))
+            histograms = torch.stack([torch.bincount(labels[i], minlength=int(labels.max()) + 1) for i in indices])
+            out[f"{model} {alpha}"] = LabelPartition(indices, histograms, parse_alpha(alpha), seed).summary()
+    return out
+
+
+def partition_table(summaries: dict) -> str:
+    """Markdown: how skewed each federation's data is."""
+    lines = ["| data, α | samples per client (min / median / max) | classes per client (mean) "
+             "| label skew (mean TV distance to the global mix) |", "|---|---|---|---|"]
+    for name, s in summaries.items():
+        sizes = sorted(s["sizes"])
+        lines.append(f"| {name} | {sizes[0]} / {sizes[len(sizes) // 2]} / {sizes[-1]} "
+                     f"| {sum(s['classes_per_client']) / len(sizes):.1f} | {s['skew_tv']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
 # -- summaries -------------------------------------------------------------------------------------------------
 
 
@@ -358,7 +393,8 @@ def report(data: dict, docs: Path) -> None:
     for rec in data["runs"]:
         rec["summary"] = summarize(rec)
     pngs = plot(data["runs"], docs)
-    body = tables(data["runs"]) + "\n" + "\n".join(f"![{p.stem}]({p.name})" for p in pngs)
+    body = (("**Client data** (label partitions as the clients receive them)\n\n" + partition_table(data["partitions"])
+             + "\n") if data.get("partitions") else "") + tables(data["runs"]) + "\n" + "\n".join(f"![{p.stem}]({p.name})" for p in pngs)
     page = docs / "federated.md"
     if page.exists():
         write_section(page, "federated results", body)
@@ -417,8 +453,12 @@ def main(argv: list[str] | None = None) -> None:
         keys = {Run(**rec["run"]).key for rec in records}
         kept = [rec for rec in json.loads(json_path.read_text())["runs"] if Run(**rec["run"]).key not in keys]
         records = kept + records
-    data = {"grid": args.grid, "methods": {m.name: {"label": m.label, "args": list(m.args)} for m in METHODS.values()},
-            "settings": asdict(grid.tuning_runs()[0]) | {"lrs": list(grid.lrs), "tune_alpha": grid.tune_alpha},
+    settings = asdict(grid.tuning_runs()[0])
+    summaries = partitions(grid.models, grid.alphas, settings["clients"], settings["seed"])
+    if json_path.exists() and not args.fresh:
+        summaries = json.loads(json_path.read_text()).get("partitions", {}) | summaries
+    data = {"grid": args.grid, "partitions": summaries, "methods": {m.name: {"label": m.label, "args": list(m.args)} for m in METHODS.values()},
+            "settings": settings | {"lrs": list(grid.lrs), "tune_alpha": grid.tune_alpha},
             "python": sys.version.split()[0], "runs": records}
     json_path.write_text(json.dumps(data, indent=1) + "\n")
     report(data, args.out)

@@ -19,7 +19,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from istfx.cli import options
+from istfx.cli import fl, options
 from istfx.errors import ISTError
 
 __all__ = ["COMMANDS", "Command", "build_parser", "main", "report_error", "run_command"]
@@ -66,6 +66,18 @@ COMMANDS: list[Command] = [
         epilog=options.TRAIN_EPILOG,
         usage="istfx train MODEL.py [options]",
         check=options.check_backend_options,
+    ),
+    Command(
+        "fl",
+        help="federated IST on Flower: a SuperLink and N SuperNodes on this machine, one subnet per client",
+        description="Train the model defined in MODEL.py on a Flower federation started on this machine\n"
+                    "(a SuperLink and --clients SuperNodes on 127.0.0.1, Flower's deployment engine):\n"
+                    "each round the server sends each sampled client only its subnet, clients train on\n"
+                    "their own data partition, the server reassembles and evaluates the full model.",
+        configure=fl.configure,
+        run="istfx.cli.fl:run",
+        epilog=fl.EPILOG,
+        usage="istfx fl MODEL.py [options]",
     ),
 ]
 """The commands, in the order ``istfx --help`` lists them. Add a command here."""

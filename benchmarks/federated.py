@@ -37,6 +37,7 @@ import shlex
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -119,7 +120,7 @@ class Grid:
 
     def tuning_runs(self) -> list[Run]:
         return [Run(model, method, self.tune_alpha, lr, **self.base)
-                for model in self.models for method in self.methods for lr in self.lrs]
+                for model in self.models for lr in self.lrs for method in self.methods]
 
     def other_runs(self, chosen: dict[tuple[str, str], float]) -> list[Run]:
         return [Run(model, method, alpha, chosen[(model, method)], **self.base)
@@ -130,8 +131,8 @@ class Grid:
 GRIDS = {
     "headline": lambda: Grid(models=("mlp", "cnn"), methods=tuple(METHODS),
                              alphas={"mlp": ("0.5", "0.1", "iid"), "cnn": ("0.5",)},
-                             lrs=(0.03, 0.1), tune_alpha="0.5",
-                             base=dict(clients=16, subnets=4, rounds=20, participation=0.25, local_steps=10,
+                             lrs=(0.1, 0.03), tune_alpha="0.5",
+                             base=dict(clients=16, subnets=4, rounds=8, participation=0.25, local_steps=20,
                                        batch_size=32)),
     "quick": lambda: Grid(models=("mlp",), methods=tuple(METHODS), alphas={"mlp": ("0.5",)}, lrs=(0.1,),
                           tune_alpha="0.5", base=dict(clients=8, subnets=2, rounds=2, participation=0.25,
@@ -166,7 +167,7 @@ def execute(run: Run, work: Path, timeout: float) -> dict:
         meta = json.loads((work / f"{run.key}.done").read_text())
         return {**record, **meta, "rounds": cached}
     metrics.unlink(missing_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     print(f"[federated] {run.key} ...", flush=True)
     start = time.perf_counter()
     with log.open("w") as out:
@@ -412,7 +413,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="override a Run field for every run, e.g. --set rounds=10 --set clients=32")
     p.add_argument("--work", type=Path, default=Path("/tmp/istfx_federated"), help="per-run JSONL and logs")
     p.add_argument("--out", type=Path, default=DOCS, help="where federated.json and the plots go")
-    p.add_argument("--timeout", type=float, default=600, help="seconds one run may take")
+    p.add_argument("--jobs", type=int, default=1, help="federations running at once (default: 1)")
+    p.add_argument("--timeout", type=float, default=1800, help="seconds one run may take")
     p.add_argument("--fresh", action="store_true", help="drop the runs already in OUT/federated.json")
     p.add_argument("--report", action="store_true", help="only redo tables and plots from OUT/federated.json")
     args = p.parse_args(argv)
@@ -439,16 +441,17 @@ def main(argv: list[str] | None = None) -> None:
         grid.base[name] = types[name](value)
     args.work.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    records = []
-    for run in grid.tuning_runs():
-        rec = execute(run, args.work, args.timeout)
+    def execute_all(runs: list[Run]) -> list[dict]:
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            records = list(pool.map(lambda run: execute(run, args.work, args.timeout), runs))
+        for rec in records:
+            rec["summary"] = summarize(rec)
+        return records
+
+    records = execute_all(grid.tuning_runs())
+    for rec in records:
         rec["tuning"] = True
-        rec["summary"] = summarize(rec)
-        records.append(rec)
-    for run in grid.other_runs(choose(records)):
-        rec = execute(run, args.work, args.timeout)
-        rec["summary"] = summarize(rec)
-        records.append(rec)
+    records += execute_all(grid.other_runs(choose(records)))
     if json_path.exists() and not args.fresh:  # keep other grids' runs; this grid's runs replace theirs
         keys = {Run(**rec["run"]).key for rec in records}
         kept = [rec for rec in json.loads(json_path.read_text())["runs"] if Run(**rec["run"]).key not in keys]

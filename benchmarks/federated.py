@@ -96,6 +96,13 @@ class Run:
                 f"_r{self.rounds}_p{self.participation:g}_l{self.local_steps}_b{self.batch_size}"
                 f"_{self.optimizer}_seed{self.seed}")
 
+    @classmethod
+    def from_key(cls, key: str) -> "Run":
+        """The run whose :attr:`key` is `key`."""
+        model, method, alpha, lr, clients, subnets, rounds, part, local, batch, optimizer, seed = key.split("_")
+        return cls(model, method, alpha[1:], float(lr[2:]), int(clients[1:]), int(subnets[1:]), int(rounds[1:]),
+                   float(part[1:]), int(local[1:]), int(batch[1:]), optimizer, int(seed[4:]))
+
     def command(self, metrics: Path) -> list[str]:
         """The ``istfx fl`` command line of this run, writing its rounds to `metrics`."""
         data = [] if self.model == "gpt" else ["--dirichlet", self.alpha]
@@ -273,16 +280,23 @@ def choose(records: list[dict], metric: str = "final_accuracy") -> dict[tuple[st
     return {key: lr for key, (_, lr) in best.items()}
 
 
+TUNE_ALPHA = "0.5"
+
+
 def headline(records: list[dict]) -> list[dict]:
-    """The chosen run of every (model, method, α)."""
-    chosen = {tuple(c) for c in _chosen_keys(records)}
-    return [rec for rec in records
-            if (rec["run"]["model"], rec["run"]["method"], rec["run"]["lr"]) in chosen and rec["summary"].get("complete")]
-
-
-def _chosen_keys(records: list[dict]) -> list[tuple[str, str, float]]:
-    tune = [rec for rec in records if rec.get("tuning")]
-    return [(model, method, lr) for (model, method), lr in choose(tune).items()]
+    """The chosen run of every (model, method, α): at the learning rate that scored best at
+    :data:`TUNE_ALPHA` for that (model, method); where that rate was not run, the only complete run there is."""
+    chosen = choose([rec for rec in records if rec["run"]["alpha"] == TUNE_ALPHA])
+    groups: dict[tuple[str, str, str], list[dict]] = {}
+    for rec in records:
+        if rec["summary"].get("complete"):
+            groups.setdefault((rec["run"]["model"], rec["run"]["method"], rec["run"]["alpha"]), []).append(rec)
+    out = []
+    for (model, method, _), recs in groups.items():
+        pick = [rec for rec in recs if rec["run"]["lr"] == chosen.get((model, method))]
+        if pick or len(recs) == 1:
+            out.append((pick or recs)[0])
+    return out
 
 
 # -- report ----------------------------------------------------------------------------------------------------
@@ -325,8 +339,8 @@ def tables(records: list[dict]) -> str:
                     f"| {_fmt(ratio_bytes, '.3f')} | {_fmt(s['client_peak_memory_bytes'] / MB, '.1f')} "
                     f"| {_fmt(s['client_compute_seconds_per_round'], '.3f')} | {_fmt(ratio_compute, '.3f')} |")
             lines.append("")
-    tune = [rec for rec in records if rec.get("tuning")]
-    if tune:
+    tune = [rec for rec in records if rec["run"]["alpha"] == TUNE_ALPHA]
+    if len({rec["run"]["lr"] for rec in tune}) > 1:
         lines += ["**Learning-rate grid** (final accuracy at the tuning α; the best of each row is used "
                   "everywhere)", "", "| model | method | " + " | ".join(
                       f"lr {lr:g}" for lr in sorted({rec["run"]["lr"] for rec in tune})) + " |",
@@ -416,11 +430,27 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--jobs", type=int, default=1, help="federations running at once (default: 1)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds one run may take")
     p.add_argument("--fresh", action="store_true", help="drop the runs already in OUT/federated.json")
+    p.add_argument("--collect", action="store_true",
+                   help="write OUT/federated.json from every complete run in WORK, then the report")
     p.add_argument("--report", action="store_true", help="only redo tables and plots from OUT/federated.json")
     args = p.parse_args(argv)
     json_path = args.out / "federated.json"
     if args.report:
         report(json.loads(json_path.read_text()), args.out)
+        return
+    if args.collect:  # every complete run in the work folder, e.g. of several invocations run side by side
+        runs = [Run.from_key(done.name[:-len(".done")]) for done in sorted(args.work.glob("*.done"))]
+        records = [execute(run, args.work, args.timeout) for run in runs]
+        for rec in records:
+            rec["summary"] = summarize(rec)
+        models = tuple(dict.fromkeys(run.model for run in runs))
+        alphas = {m: tuple(dict.fromkeys(run.alpha for run in runs if run.model == m)) for m in models}
+        data = {"grid": "collected", "partitions": partitions(models, alphas, runs[0].clients, runs[0].seed),
+                "methods": {m.name: {"label": m.label, "args": list(m.args)} for m in METHODS.values()},
+                "settings": asdict(runs[0]) | {"tune_alpha": TUNE_ALPHA},
+                "python": sys.version.split()[0], "runs": records}
+        json_path.write_text(json.dumps(data, indent=1) + "\n")
+        report(data, args.out)
         return
     grid = GRIDS[args.grid]()
     if args.models:
@@ -433,6 +463,7 @@ def main(argv: list[str] | None = None) -> None:
         alphas = tuple(args.alphas.split(","))
         grid.alphas = {model: alphas for model in grid.models}
         grid.tune_alpha = grid.tune_alpha if grid.tune_alpha in alphas else alphas[0]
+        # every α given is run at every learning rate given when the tuning α is not among them
     types = {name: type(value) for name, value in asdict(Run("mlp", "ist", "0.5", 0.1)).items()}
     for item in args.set:
         name, _, value = item.partition("=")

@@ -170,8 +170,12 @@ def execute(run: Run, work: Path, timeout: float) -> dict:
     cached = read_rounds(metrics)
     record = {"run": asdict(run), "command": shlex.join(run.command(metrics.relative_to(work))
                                                         ).replace(sys.executable, "python")}
-    if len(cached) >= run.rounds and (work / f"{run.key}.done").exists():
-        meta = json.loads((work / f"{run.key}.done").read_text())
+    done = work / f"{run.key}.done"
+    if len(cached) >= run.rounds and not done.exists() and log.exists() and \
+            f"done: {run.rounds} rounds" in log.read_text(errors="replace"):  # finished after its invocation ended
+        done.write_text(json.dumps({"rc": 0, "wall_s": None}))
+    if len(cached) >= run.rounds and done.exists():
+        meta = json.loads(done.read_text())
         return {**record, **meta, "rounds": cached}
     metrics.unlink(missing_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}

@@ -434,6 +434,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--jobs", type=int, default=1, help="federations running at once (default: 1)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds one run may take")
     p.add_argument("--fresh", action="store_true", help="drop the runs already in OUT/federated.json")
+    p.add_argument("--queue", default=None, metavar="MODEL/METHOD/ALPHA/LR,...",
+                   help="run exactly these runs in this order (the grid's other settings); --collect reports them")
     p.add_argument("--collect", action="store_true",
                    help="write OUT/federated.json from every complete run in WORK, then the report")
     p.add_argument("--report", action="store_true", help="only redo tables and plots from OUT/federated.json")
@@ -457,6 +459,18 @@ def main(argv: list[str] | None = None) -> None:
         report(data, args.out)
         return
     grid = GRIDS[args.grid]()
+    if args.queue:  # explicit runs, in this order, with the grid's other settings; then --collect
+        runs = []
+        for item in args.queue.split(","):
+            model, method, alpha, lr = item.split("/")
+            if model not in MODELS or method not in METHODS:
+                p.error(f"--queue {item}: expected MODEL/METHOD/ALPHA/LR with MODEL in {list(MODELS)} and "
+                        f"METHOD in {list(METHODS)}")
+            runs.append(Run(model, method, alpha, float(lr), **grid.base))
+        args.work.mkdir(parents=True, exist_ok=True)
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            list(pool.map(lambda run: execute(run, args.work, args.timeout), runs))
+        return
     if args.models:
         grid.models = tuple(m for m in args.models.split(",") if m in grid.models)
     if args.methods:

@@ -237,6 +237,78 @@ def partition_table(summaries: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _compile_options(method: Method, subnets: int) -> dict:
+    """The ``istfx.compile`` keyword arguments of an IST-family method's ``istfx fl`` options."""
+    args = list(method.args)
+    options = {"subnets": subnets}
+    if "--policy" in args:
+        options["policy"] = args[args.index("--policy") + 1]
+    if "--sizes" in args:
+        options["sizes"] = tuple(float(v) for v in args[args.index("--sizes") + 1].split(","))
+    return options
+
+
+def compute_profile(model: str, local_steps: int, batch_size: int, subnets: int, repeats: int = 5) -> dict:
+    """Per method, in this one process: parameters a client holds and the warm time of one round's local
+    steps (median of `repeats`), for the full model (FedAvg) and each subnet slot of round 0 (IST family).
+
+    The federated runs time the same steps inside fresh ClientApp processes, where one-time costs
+    (a FedAvg client's first ``torch.optim`` construction imports ``torch._dynamo``, several seconds; an
+    IST client pays it while compiling, outside the timed steps) and the machine's load get in; this
+    profile is the like-for-like comparison of the training work itself.
+    """
+    import statistics
+
+    import torch
+
+    import istfx
+    from istfx.cli.loader import load_model_file
+    from istfx.flower.local import train_steps
+    from istfx.runtime.optimizers import TrainingRecipe
+
+    torch.set_num_threads(1)
+    loaded = load_model_file(ROOT / MODELS[model])
+    train = loaded.module.train_data()
+    xs, ys = train.tensors
+    generator = torch.Generator().manual_seed(0)
+    batches = [(xs[idx], ys[idx]) for idx in (torch.randint(len(ys), (batch_size,), generator=generator)
+                                               for _ in range(local_steps))]
+    build = TrainingRecipe(optimizer="sgd", lr=0.01, momentum=0.9).build
+    loss = torch.nn.functional.cross_entropy
+
+    def timed(module) -> float:
+        params = [p for p in module.parameters() if p.requires_grad]
+        train_steps(module, params, batches, build, loss)  # warm-up: lazy imports, allocator
+        return statistics.median(train_steps(module, params, batches, build, loss).seconds for _ in range(repeats))
+
+    full_params = sum(p.numel() for p in loaded.model.parameters())
+    out = {"fedavg": {"params": [full_params], "seconds": [timed(loaded.model)]}}
+    for method in METHODS.values():
+        if method.name == "fedavg":
+            continue
+        ist = istfx.compile(load_model_file(ROOT / MODELS[model]).model, example_inputs=loaded.example_inputs,
+                            **_compile_options(method, subnets))
+        parts = ist.decompose(0)
+        out[method.name] = {"params": [sum(p.numel() for p in part.parameters()) for part in parts],
+                            "seconds": [timed(part) for part in parts]}
+    for entry in out.values():
+        entry["mean_params_fraction"] = sum(entry["params"]) / len(entry["params"]) / full_params
+        entry["mean_seconds"] = sum(entry["seconds"]) / len(entry["seconds"])
+    return out
+
+
+def profile_table(profile: dict) -> str:
+    """Markdown: parameters held and warm local-training time per client, per method."""
+    base = profile["fedavg"]["mean_seconds"]
+    lines = ["| method | parameters held per client (per slot) | × full model | local steps per round, warm (ms, "
+             "mean over slots) | × FedAvg |", "|---|---|---|---|---|"]
+    for name, entry in profile.items():
+        lines.append(f"| {METHODS[name].label} | {', '.join(f'{p:,}' for p in entry['params'])} "
+                     f"| {entry['mean_params_fraction']:.3f} | {1000 * entry['mean_seconds']:.1f} "
+                     f"| {entry['mean_seconds'] / base:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
 # -- summaries -------------------------------------------------------------------------------------------------
 
 
@@ -412,8 +484,11 @@ def report(data: dict, docs: Path) -> None:
     for rec in data["runs"]:
         rec["summary"] = summarize(rec)
     pngs = plot(data["runs"], docs)
+    profiles = "".join(f"\n**Client work, {TITLES[m]}** (measured in one process, warm; {data['settings']['local_steps']} "
+                       f"steps of batch {data['settings']['batch_size']})\n\n" + profile_table(p)
+                       for m, p in data.get("compute_profile", {}).items())
     body = (("**Client data** (label partitions as the clients receive them)\n\n" + partition_table(data["partitions"])
-             + "\n") if data.get("partitions") else "") + tables(data["runs"]) + "\n" + "\n".join(f"![{p.stem}]({p.name})" for p in pngs)
+             + "\n") if data.get("partitions") else "") + tables(data["runs"]) + profiles + "\n" + "\n".join(f"![{p.stem}]({p.name})" for p in pngs)
     page = docs / "federated.md"
     if page.exists():
         write_section(page, "federated results", body)
@@ -451,7 +526,10 @@ def main(argv: list[str] | None = None) -> None:
             rec["summary"] = summarize(rec)
         models = tuple(dict.fromkeys(run.model for run in runs))
         alphas = {m: tuple(dict.fromkeys(run.alpha for run in runs if run.model == m)) for m in models}
-        data = {"grid": "collected", "partitions": partitions(models, alphas, runs[0].clients, runs[0].seed),
+        first = runs[0]
+        data = {"grid": "collected", "partitions": partitions(models, alphas, first.clients, first.seed),
+                "compute_profile": {m: compute_profile(m, first.local_steps, first.batch_size, first.subnets)
+                                    for m in models if m != "gpt"},
                 "methods": {m.name: {"label": m.label, "args": list(m.args)} for m in METHODS.values()},
                 "settings": asdict(runs[0]) | {"tune_alpha": TUNE_ALPHA},
                 "python": sys.version.split()[0], "runs": records}

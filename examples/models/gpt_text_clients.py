@@ -1,12 +1,15 @@
-"""A byte-level GPT on Python's help() pages, each federated client holding whole topics.
+"""A byte-level GPT on Python's help() pages, split by topic for federated clients.
 
-    istfx fl examples/models/gpt_text_clients.py --clients 16 --subnets 4 --rounds 10 --participation 0.25
+    istfx train examples/models/gpt_text_clients.py --subnets 4 --rounds 20 --optimizer adamw --lr 3e-3
 
 The corpus is ``pydoc_data.topics`` (shipped with CPython, no download), one
 document per topic. About 10% of the bytes, as whole topics, are held out for
-validation; every other topic goes whole to one client
+validation (``eval_data``); ``client_data(client, clients)`` gives client
+`client` the topics dealt to it whole
 (:func:`istfx.runtime.federated_data.document_partition`), so clients differ
-by subject the way real writers do, and ``--dirichlet`` does not apply.
+by subject the way real writers do. ``istfx fl`` does not call
+``client_data`` yet: it deals the windows of ``train_data()`` to clients at
+random (without ``--dirichlet``; the targets are byte sequences, not labels).
 Samples are non-overlapping 64-byte windows with the next byte as target.
 2 layers, 4 heads, d_model 64: IST splits heads and MLP units.
 """

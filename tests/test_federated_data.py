@@ -281,3 +281,37 @@ def test_leaf_refuses_files_that_are_not_leaf(tmp_path):
     bad.write_text(json.dumps({"users": ["a"], "num_samples": [1], "user_data": {"a": {"x": ["\u20ac"], "y": ["e"]}}}))
     with pytest.raises(ISTError, match="beyond one byte"):
         leaf_clients(bad)
+
+
+# -- the benchmark's model files ---------------------------------------------------------------------------------
+
+
+def test_text_model_file_gives_each_client_its_own_whole_topics():
+    from pathlib import Path
+
+    from istfx.cli.loader import load_model_file
+
+    root = Path(__file__).resolve().parent.parent
+    loaded = load_model_file(root / "examples/models/gpt_text_clients.py")
+    split = document_partition(pydoc_topics(), 16, seed=0)
+    client = loaded.module.client_data(5, 16)
+    assert torch.equal(client.tokens, split.client_bytes(5))
+    x, y = client[0]
+    assert x.shape == (64,) and torch.equal(x[1:], y[:-1])
+    held = {d.name for d in split.validation}
+    assert held and not held & {d.name for d in split.clients[5]}
+    assert torch.equal(loaded.module.eval_data().tokens, split.validation_bytes())
+    logits = loaded.model(x[None])
+    assert logits.shape == (1, 64, 256)
+
+
+def test_cnn_model_file_reads_digit_images():
+    from pathlib import Path
+
+    from istfx.cli.loader import load_model_file
+
+    loaded = load_model_file(Path(__file__).resolve().parent.parent / "examples/models/cnn_digits.py")
+    x, y = loaded.module.train_data().tensors
+    assert x.shape[1:] == (1, 8, 8) and 0 <= float(x.min()) and float(x.max()) <= 1
+    assert loaded.model(x[:4]).shape == (4, 10)
+    assert len(loaded.module.eval_data()) + len(y) == 1797

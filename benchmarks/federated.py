@@ -331,6 +331,7 @@ def summarize(record: dict) -> dict:
         "complete": record.get("rc") == 0 and len(rounds) >= record["run"]["rounds"],
         "final_accuracy": rounds[-1].get("val_accuracy"),
         "best_accuracy": max((r.get("val_accuracy") or 0.0) for r in rounds),
+        "last3_accuracy": _mean([r.get("val_accuracy") for r in rounds[-3:]]),
         "final_loss": rounds[-1].get("val_loss"),
         "bytes_per_client_per_round": _mean([bytes_per_client(r) for r in rounds]),
         "bytes_down_per_client_per_round": _mean([r.get("bytes_down_per_client") for r in rounds]),
@@ -405,22 +406,25 @@ def tables(records: list[dict]) -> str:
             lines += [f"**{TITLES[model]}, α = {alpha}** ({run['clients']} clients, {run['subnets']} subnets, "
                       f"participation {run['participation']:g}, {run['rounds']} rounds of {run['local_steps']} "
                       f"local steps, batch {run['batch_size']}, {run['optimizer']})", "",
-                      "| method | lr | final acc | best acc | Δ vs FedAvg (points) | MB per client per round "
+                      "| method | lr | final acc | mean of last 3 rounds | best acc | Δ final vs FedAvg (points) "
+                      "| Δ last 3 (points) | MB per client per round "
                       "| × FedAvg bytes | peak client memory (MB) | client compute per round (s) | × FedAvg compute |",
-                      "|---|---|---|---|---|---|---|---|---|---|"]
+                      "|---|---|---|---|---|---|---|---|---|---|---|---|"]
             for rec in sorted(rows, key=lambda r: list(METHODS).index(r["run"]["method"])):
                 s = rec["summary"]
                 b = base["summary"] if base else {}
                 delta = (100 * (s["final_accuracy"] - b["final_accuracy"])
                          if base and s["final_accuracy"] is not None and b.get("final_accuracy") is not None else None)
+                delta3 = (100 * (s["last3_accuracy"] - b["last3_accuracy"])
+                          if base and s["last3_accuracy"] is not None and b.get("last3_accuracy") is not None else None)
                 ratio_bytes = (s["bytes_per_client_per_round"] / b["bytes_per_client_per_round"]
                                if base and b.get("bytes_per_client_per_round") else None)
                 ratio_compute = (s["client_compute_seconds_per_round"] / b["client_compute_seconds_per_round"]
                                  if base and b.get("client_compute_seconds_per_round") else None)
                 lines.append(
                     f"| {METHODS[rec['run']['method']].label} | {rec['run']['lr']:g} "
-                    f"| {_fmt(s['final_accuracy'], '.4f')} | {_fmt(s['best_accuracy'], '.4f')} "
-                    f"| {_fmt(delta, '+.1f')} | {_fmt(s['bytes_per_client_per_round'] and s['bytes_per_client_per_round'] / MB, '.4f')} "
+                    f"| {_fmt(s['final_accuracy'], '.4f')} | {_fmt(s['last3_accuracy'], '.4f')} "
+                    f"| {_fmt(s['best_accuracy'], '.4f')} | {_fmt(delta, '+.1f')} | {_fmt(delta3, '+.1f')} | {_fmt(s['bytes_per_client_per_round'] and s['bytes_per_client_per_round'] / MB, '.4f')} "
                     f"| {_fmt(ratio_bytes, '.3f')} | {_fmt(s['client_peak_memory_bytes'] / MB, '.1f')} "
                     f"| {_fmt(s['client_compute_seconds_per_round'], '.3f')} | {_fmt(ratio_compute, '.3f')} |")
             lines.append("")

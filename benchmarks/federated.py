@@ -163,8 +163,9 @@ def read_rounds(path: Path) -> list[dict]:
     return rounds
 
 
-def execute(run: Run, work: Path, timeout: float) -> dict:
-    """Run `run` (unless its complete metrics are already in `work`) and return its record."""
+def execute(run: Run, work: Path, timeout: float, start: bool = True) -> dict:
+    """Run `run` (unless its complete metrics are already in `work`) and return its record; with
+    ``start=False`` only read what `work` holds."""
     metrics = work / f"{run.key}.jsonl"
     log = work / f"{run.key}.log"
     cached = read_rounds(metrics)
@@ -177,6 +178,8 @@ def execute(run: Run, work: Path, timeout: float) -> dict:
     if len(cached) >= run.rounds and done.exists():
         meta = json.loads(done.read_text())
         return {**record, **meta, "rounds": cached}
+    if not start:
+        return {**record, "rc": None, "wall_s": None, "rounds": cached}
     metrics.unlink(missing_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     print(f"[federated] {run.key} ...", flush=True)
@@ -248,17 +251,15 @@ def _compile_options(method: Method, subnets: int) -> dict:
     return options
 
 
-def compute_profile(model: str, local_steps: int, batch_size: int, subnets: int, repeats: int = 5) -> dict:
-    """Per method, in this one process: parameters a client holds and the warm time of one round's local
-    steps (median of `repeats`), for the full model (FedAvg) and each subnet slot of round 0 (IST family).
+def compute_profile(model: str, local_steps: int, batch_size: int, subnets: int, repeats: int = 7) -> dict:
+    """Per method, in this one process: parameters a client holds and the warm CPU time of one round's local
+    steps (least of `repeats`), for the full model (FedAvg) and each subnet slot of round 0 (IST family).
 
     The federated runs time the same steps inside fresh ClientApp processes, where one-time costs
     (a FedAvg client's first ``torch.optim`` construction imports ``torch._dynamo``, several seconds; an
     IST client pays it while compiling, outside the timed steps) and the machine's load get in; this
     profile is the like-for-like comparison of the training work itself.
     """
-    import statistics
-
     import torch
 
     import istfx
@@ -277,9 +278,15 @@ def compute_profile(model: str, local_steps: int, batch_size: int, subnets: int,
     loss = torch.nn.functional.cross_entropy
 
     def timed(module) -> float:
+        """Least CPU time of `repeats` rounds: the machine is shared, CPU time and the minimum shed the wait."""
         params = [p for p in module.parameters() if p.requires_grad]
         train_steps(module, params, batches, build, loss)  # warm-up: lazy imports, allocator
-        return statistics.median(train_steps(module, params, batches, build, loss).seconds for _ in range(repeats))
+        times = []
+        for _ in range(repeats):
+            begin = time.process_time()
+            train_steps(module, params, batches, build, loss)
+            times.append(time.process_time() - begin)
+        return min(times)
 
     full_params = sum(p.numel() for p in loaded.model.parameters())
     out = {"fedavg": {"params": [full_params], "seconds": [timed(loaded.model)]}}
@@ -300,7 +307,7 @@ def compute_profile(model: str, local_steps: int, batch_size: int, subnets: int,
 def profile_table(profile: dict) -> str:
     """Markdown: parameters held and warm local-training time per client, per method."""
     base = profile["fedavg"]["mean_seconds"]
-    lines = ["| method | parameters held per client (per slot) | × full model | local steps per round, warm (ms, "
+    lines = ["| method | parameters held per client (per slot) | × full model | local steps per round, warm CPU time (ms, "
              "mean over slots) | × FedAvg |", "|---|---|---|---|---|"]
     for name, entry in profile.items():
         lines.append(f"| {METHODS[name].label} | {', '.join(f'{p:,}' for p in entry['params'])} "
@@ -533,8 +540,8 @@ def main(argv: list[str] | None = None) -> None:
         report(json.loads(json_path.read_text()), args.out)
         return
     if args.collect:  # every complete run in the work folder, e.g. of several invocations run side by side
-        runs = [Run.from_key(done.name[:-len(".done")]) for done in sorted(args.work.glob("*.done"))]
-        records = [execute(run, args.work, args.timeout) for run in runs]
+        runs = [Run.from_key(path.stem) for path in sorted(args.work.glob("*.jsonl"))]
+        records = [execute(run, args.work, args.timeout, start=False) for run in runs]
         for rec in records:
             rec["summary"] = summarize(rec)
         models = tuple(dict.fromkeys(run.model for run in runs))

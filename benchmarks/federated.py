@@ -179,7 +179,9 @@ def execute(run: Run, work: Path, timeout: float, start: bool = True) -> dict:
         meta = json.loads(done.read_text())
         return {**record, **meta, "rounds": cached}
     if not start:
-        return {**record, "rc": None, "wall_s": None, "rounds": cached}
+        errors = [line for line in (log.read_text(errors="replace").splitlines() if log.exists() else [])
+                  if line.startswith("istfx: error:")]
+        return {**record, "rc": None, "wall_s": None, "rounds": cached, "error": errors[-1] if errors else None}
     metrics.unlink(missing_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     print(f"[federated] {run.key} ...", flush=True)
@@ -457,7 +459,10 @@ def tables(records: list[dict]) -> str:
     if failed:
         lines += ["**Runs that did not complete**", ""]
         lines += [f"- `{rec['run']['model']} {rec['run']['method']} α={rec['run']['alpha']} lr={rec['run']['lr']:g}`: "
-                  f"rc {rec.get('rc')}, {len(rec['rounds'])}/{rec['run']['rounds']} rounds" for rec in failed]
+                  f"{len(rec['rounds'])}/{rec['run']['rounds']} rounds"
+                  + (f" ({(rec.get('error') or '').splitlines()[-1][:160]})" if rec.get("error") else "")
+                  + (": accuracy by round " + ", ".join(f"{r['val_accuracy']:.3f}" for r in rec["rounds"])
+                     if rec["rounds"] else "") for rec in failed]
         lines.append("")
     return "\n".join(lines)
 

@@ -16,10 +16,14 @@ ist-overlap   IST, overlapping subnets: ``--policy overlap(KEEP)``
 Tuning is the same for every method: each (model, method) tries the same
 learning-rate grid at the tuning α and keeps the one with the best final
 validation accuracy (the validation set is the one reported: this is the
-usual optimistic selection, applied equally); every other α reuses it.
+usual optimistic selection, applied equally); every other α reuses it. When
+the grid is incomplete for any method, no method is tuned: all run at the
+default rate 0.1.
 
     python benchmarks/federated.py                       # the headline grid (long: see docs/federated.md)
     python benchmarks/federated.py --grid quick          # one short run per method, a smoke test
+    python benchmarks/federated.py --queue mlp/ist/0.5/0.1,mlp/fedavg/0.5/0.1   # these runs, in this order
+    python benchmarks/federated.py --collect             # JSON, tables, plots of every run in --work
     python benchmarks/federated.py --report              # tables and plots again from docs/federated.json
 
 Each run writes its JSON lines under ``--work`` and is skipped when they are

@@ -285,7 +285,16 @@ def load(directory: str | os.PathLike, table: dict, state: dict[str, torch.Tenso
             raise CheckpointError(f"{directory}: {key} has shape {tuple(entry['shape'])} in the checkpoint, the "
                                   f"model {tuple(value.shape)}: it belongs to another model.")
         wanted[key] = row_range(value.shape[0], world, rank) if isinstance(value, RowShard) else None
-    verify(directory, table, wanted)
+    problem = None
+    try:
+        verify(directory, table, wanted)
+    except CheckpointError as exc:
+        problem = str(exc)
+    problems: list = [None] * world
+    dist.all_gather_object(problems, problem)  # every rank stops with the same line, none waits in DCP
+    found = next((p for p in problems if p is not None), None)
+    if found is not None:
+        raise CheckpointError(found)
     # An empty local block reads nothing: DCP skips it (its planner finds no overlapping chunk).
     dcp.load(_as_dcp(state), storage_reader=HuggingFaceStorageReader(str(directory / DIRECTORY)))
 

@@ -788,12 +788,12 @@ class TorchShardedBackend(TorchDistBackend):
         sends, send_sizes, recv_specs = [], [], []
         mine = slices.indices[me][name]
         rows_mine = mine[0] if mine[0] is not None else torch.arange(shape[0])
+        width = math.prod(held.shape[1:]) * held.element_size()
         for k in range(world):
             a, b = dcp_ckpt.row_range(shape[0], world, k)
             positions = torch.nonzero((rows_mine >= a) & (rows_mine < b)).flatten()
-            piece = held.index_select(0, positions.to(held.device)).contiguous()
-            sends.append(piece)
-            send_sizes.append(piece.numel() * piece.element_size())
+            sends.append(lambda positions=positions: held.index_select(0, positions.to(held.device)))
+            send_sizes.append(len(positions) * width)
         for j in range(world):
             index = slices.indices[j][name]
             rows_j = index[0] if index[0] is not None else torch.arange(shape[0])
@@ -819,9 +819,10 @@ class TorchShardedBackend(TorchDistBackend):
             index = slices.indices[j][name]
             rows_j = index[0] if index[0] is not None else torch.arange(shape[0])
             positions = torch.nonzero((rows_j >= start) & (rows_j < stop)).flatten()
-            piece = take_block(canonical, [rows_j[positions] - start, *index[1:]]).contiguous()
-            sends.append(piece)
-            send_sizes.append(piece.numel() * piece.element_size())
+            block = [rows_j[positions] - start, *index[1:]]
+            sends.append(lambda block=block: take_block(canonical, block))
+            send_sizes.append(len(positions) * math.prod(self.slice_shape(slices, name, j)[1:])
+                              * canonical.element_size())
         mine = slices.indices[me][name]
         rows_mine = mine[0] if mine[0] is not None else torch.arange(shape[0])
         held = torch.empty(self.slice_shape(slices, name, me), dtype=canonical.dtype, device=canonical.device)
@@ -838,15 +839,17 @@ class TorchShardedBackend(TorchDistBackend):
                 put_block(held, [positions, *[None] * (held.dim() - 1)], value)
         return held
 
-    def _all_to_all_bytes(self, sends: list[torch.Tensor], send_sizes: list[int],
-                          recv_sizes: list[int]) -> list[torch.Tensor]:
-        """One ``all_to_all_single`` of raw bytes: `sends[k]` goes to rank k; returns what each rank sent."""
+    def _all_to_all_bytes(self, sends: list, send_sizes: list[int], recv_sizes: list[int]) -> list[torch.Tensor]:
+        """One ``all_to_all_single`` of raw bytes: `sends[k]()` (made one at a time, straight into the send
+        buffer) goes to rank k; returns what each rank sent."""
         device = self.comm_device
         send = torch.empty(sum(send_sizes), dtype=torch.uint8, device=device)
         offset = 0
-        for piece, size in zip(sends, send_sizes):
+        for make, size in zip(sends, send_sizes):
             if size:
+                piece = make().contiguous()
                 send[offset:offset + size].copy_(piece.reshape(-1).view(torch.uint8))
+                del piece
             offset += size
         output = torch.empty(sum(recv_sizes), dtype=torch.uint8, device=device)
         dist.all_to_all_single(output, send, recv_sizes, send_sizes)

@@ -80,7 +80,7 @@ def _launch(workdir: Path, *argv: str, model: str = "net.py", env: dict | None =
 
 def _export(source: Path, out: Path, ok: bool = True) -> subprocess.CompletedProcess:
     proc = subprocess.run([sys.executable, "-m", "istfx.cli", "export", str(source), "--out", str(out)],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=TIMEOUT)
     if ok:
         assert proc.returncode == 0, proc.stderr
     return proc

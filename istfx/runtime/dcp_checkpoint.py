@@ -105,6 +105,64 @@ def _as_dcp(state: dict[str, torch.Tensor | RowShard]) -> dict:
 
 
 # -- saving -----------------------------------------------------------------------------------------
+def _writer(folder: Path):
+    """DCP's safetensors storage writer, writing each chunk straight from the tensor's memory.
+
+    ``HuggingFaceStorageWriter`` serializes a file's tensors into one bytes
+    object before writing it (a second copy of the rank's largest chunk);
+    this one writes the same files (one per rank and tensor, the chunk's
+    offsets in the header, which ``HuggingFaceStorageReader`` reads) from the
+    tensor itself, so saving needs no memory beyond what the rank holds.
+    """
+    from torch.distributed.checkpoint.hf_storage import HuggingFaceStorageWriter
+    from torch.distributed.checkpoint.planner import WriteItemType
+    from torch.distributed.checkpoint.storage import WriteResult
+    from torch.futures import Future
+
+    from istfx.runtime.checkpoint import _DTYPES
+
+    codes = {dtype: code for code, dtype in _DTYPES.items()}
+
+    class _StreamingWriter(HuggingFaceStorageWriter):
+        def write_data(self, plan, planner):
+            from torch.distributed.checkpoint._hf_utils import (CUSTOM_METADATA_KEY, DCP_VERSION_KEY, FORMAT_KEY,
+                                                                FORMAT_VALUE, HF_DCP_VERSION, SAVED_OFFSETS_KEY,
+                                                                _gen_file_name)
+            from torch.distributed.checkpoint.filesystem import _StorageInfo
+
+            mapping = plan.storage_data.get("fqn_to_index_mapping") or {}
+            highest = max(mapping.values(), default=1)
+            results = []
+            for item in plan.items:
+                if item.type == WriteItemType.BYTE_IO:
+                    raise ValueError(f"{item.index.fqn}: istfx checkpoints hold tensors only")
+                tensor = planner.resolve_data(item).detach().to("cpu").contiguous()
+                fqn = item.index.fqn
+                name = _gen_file_name(mapping.get(fqn, 1), highest, plan.storage_data.get("shard_index"))
+                offsets = list(item.tensor_data.chunk.offsets) if item.tensor_data is not None else []
+                nbytes = tensor.numel() * tensor.element_size()
+                header = {"__metadata__": {CUSTOM_METADATA_KEY: json.dumps({fqn: {SAVED_OFFSETS_KEY: offsets}}),
+                                           DCP_VERSION_KEY: str(HF_DCP_VERSION), FORMAT_KEY: FORMAT_VALUE},
+                          fqn: {"dtype": codes[tensor.dtype], "shape": list(tensor.shape),
+                                "data_offsets": [0, nbytes]}}
+                text = json.dumps(header, separators=(",", ":")).encode("utf-8")
+                text += b" " * (-len(text) % 8)
+                with open(os.path.join(self.path, name), "wb") as handle:
+                    handle.write(len(text).to_bytes(8, "little") + text)
+                    if nbytes:
+                        handle.write(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                results.append(WriteResult(index=item.index, size_in_bytes=nbytes,
+                                           storage_data=_StorageInfo(name, 8 + len(text), nbytes)))
+                del tensor
+            future: Future = Future()
+            future.set_result(results)
+            return future
+
+    return _StreamingWriter
+
+
 def save(directory: str | os.PathLike, state: dict[str, torch.Tensor | RowShard]) -> dict | None:
     """Write `state` under ``directory/dcp`` (every rank calls this with the same keys); no rank gathers.
 
@@ -115,7 +173,6 @@ def save(directory: str | os.PathLike, state: dict[str, torch.Tensor | RowShard]
     """
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.hf_storage import HuggingFaceStorageWriter
 
     folder = Path(directory) / DIRECTORY
     folder.mkdir(parents=True, exist_ok=True)
@@ -132,8 +189,8 @@ def save(directory: str | os.PathLike, state: dict[str, torch.Tensor | RowShard]
         offsets = [start, *[0] * (local.dim() - 1)] if local.dim() else []
         mine[f"{key}@{offsets}"] = _crc(local.detach().to("cpu").contiguous())
     keys = sorted(state)
-    writer = HuggingFaceStorageWriter(str(folder), fqn_to_index_mapping={k: i + 1 for i, k in enumerate(keys)},
-                                      save_distributed=True)
+    writer = _writer(folder)(str(folder), fqn_to_index_mapping={k: i + 1 for i, k in enumerate(keys)},
+                             save_distributed=True)
     dcp.save(_as_dcp(state), storage_writer=writer)
     checksums: list = [None] * world
     dist.all_gather_object(checksums, mine)  # a few integers per rank

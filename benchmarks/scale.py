@@ -366,12 +366,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--step", type=int, default=256, help="width resolution of the cap search")
     parser.add_argument("--bisections", type=int, default=None, help="bisection steps (default 3; 0 with --quick)")
     parser.add_argument("--no-cgroups", action="store_true", help="compare measured peaks with the budget instead")
+    parser.add_argument("--timeout", type=float, default=600.0,
+                        help="seconds a job may run before it is stopped (default 600; more on a loaded machine)")
     parser.add_argument("--json", type=Path, default=None,
                         help="write the numbers here instead of docs/scale.json and docs/benchmarks_scale.md")
     args = parser.parse_args(argv)
     log = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
     dm.interrupt_on_sigterm()
-    settings = dm.Settings(rounds=2, local_steps=2, batch_size=32, timeout=600.0)
+    settings = dm.Settings(rounds=2, local_steps=2, batch_size=32, timeout=args.timeout)
     result: dict = {}
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="istfx-scale-") as tmp:

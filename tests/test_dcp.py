@@ -29,7 +29,7 @@ import sklearn  # noqa: F401  (the default data, scikit-learn's digits; in the t
 COMMON = ["--local-steps", "2", "--batch-size", "32", "--lr", "0.3", "--threads", "1",
           "--eval-every", "100", "--seed", "5", "--quiet", "--rounds"]
 # COMMON ends with --rounds: a job appends how many
-TIMEOUT = 300  # seconds per `istfx train` job; the machine is shared
+TIMEOUT = 900  # seconds per `istfx train` job: generous, the tests share a loaded machine
 
 # Every rank records what it hands to DCP when saving (the largest row count of each tensor) and whether
 # its model was released (no full copy) at that moment.

@@ -10,7 +10,13 @@ same all-to-all, when a subnet needs them again. A rank holds its slice, its
 share of the homes and the shared tensors: about 1/S of the split parameters
 (1/S + 1/S^2 of a tensor cut along two axes).
 :meth:`TorchShardedBackend.full_model` gathers the model on rank 0 only when
-asked (evaluation), and a sharded checkpoint is written without gathering.
+asked (evaluation). Checkpoints and :meth:`TorchShardedBackend.save_model`
+never gather: each rank moves its units to their canonical rows (one
+all-to-all per tensor; the homes already are those rows) and writes them with
+torch.distributed.checkpoint (:mod:`istfx.runtime.dcp_checkpoint`), with the
+optimizer state and outer momentum they carry; a resume reads the canonical
+rows under its own world size and deals them out again, so it may run on
+another number of subnets.
 
 With ``fit(optimizer_state="carry")`` a unit's optimizer state lives with
 it: each rank keeps the state of its slices, every state key (and, with the

@@ -11,6 +11,10 @@ Layout of a checkpoint directory (one per saved round)::
         ...                       #   indices and its share of the idle elements
         manifest.json             # written last: the checkpoint is complete once it exists
 
+The sharded topology writes the ``"dcp"`` format instead: no
+``model.safetensors``, each rank's rows of every tensor under ``dcp/`` (see
+:mod:`istfx.runtime.dcp_checkpoint`), the rank files and the manifest as above.
+
 Every file is written to a temporary name and moved into place with
 ``os.replace``, and ``manifest.json`` is written only after every other file
 of the round exists, so a run killed while saving leaves the previous

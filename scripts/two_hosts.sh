@@ -105,7 +105,7 @@ for topology in $TOPOLOGIES; do
     fi
     echo "   sockets seen ($NS1 then $NS2; local -> peer, ports folded):"
     for ns in "$NS1" "$NS2"; do
-        sed -E 's/:[0-9]+/:PORT/g' "$WORK/$topology-$ns.sockets" | sort | uniq -c | sed "s/^/     $ns /"
+        sed -E 's/:[0-9]+( |$)/:PORT\1/g' "$WORK/$topology-$ns.sockets" | sort | uniq -c | sed "s/^/     $ns /"
     done
     if grep -v '^listen' "$WORK/$topology-$NS1.sockets" "$WORK/$topology-$NS2.sockets" | grep -q '127\.0\.0\.1'; then
         echo "   FAIL: a rank talks over 127.0.0.1"; status=1

@@ -10,7 +10,13 @@ same all-to-all, when a subnet needs them again. A rank holds its slice, its
 share of the homes and the shared tensors: about 1/S of the split parameters
 (1/S + 1/S^2 of a tensor cut along two axes).
 :meth:`TorchShardedBackend.full_model` gathers the model on rank 0 only when
-asked (evaluation), and a sharded checkpoint is written without gathering.
+asked (evaluation). Checkpoints and :meth:`TorchShardedBackend.save_model`
+never gather: each rank moves its units to their canonical rows (one
+all-to-all per tensor; the homes already are those rows) and writes them with
+torch.distributed.checkpoint (:mod:`istfx.runtime.dcp_checkpoint`), with the
+optimizer state and outer momentum they carry; a resume reads the canonical
+rows under its own world size and deals them out again, so it may run on
+another number of subnets.
 
 With ``fit(optimizer_state="carry")`` a unit's optimizer state lives with
 it: each rank keeps the state of its slices, every state key (and, with the
@@ -37,6 +43,7 @@ the rank keeps between rounds) and each rank's resident memory.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import sys
@@ -44,6 +51,7 @@ import threading
 import time
 import warnings
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -54,6 +62,7 @@ from istfx.core.slicing import RoundSlices
 from istfx.errors import ISTError
 from istfx.runtime import checkpoint as ckpt
 from istfx.runtime import comm
+from istfx.runtime import dcp_checkpoint as dcp_ckpt
 from istfx.runtime.backend_api import RoundResult, SubnetResult, TrainSubnet
 from istfx.runtime.launch import LAUNCHER_PID_ENV
 from istfx.runtime.optim_state import attach
@@ -173,17 +182,19 @@ class TorchShardedBackend(TorchDistBackend):
                 self.homed.append(name)
         self.home_rows: dict[str, tuple[int, int]] = {}
         self.home_bounds: dict[str, torch.Tensor] = {}
-        for name in self.homed:
+        for name in self.homed:  # homes are the canonical rows of a DCP checkpoint: saving writes them in place
             rows = self.shapes[name][0]
-            sizes = [rows // self.world_size + (1 if r < rows % self.world_size else 0) for r in range(self.world_size)]
-            bounds = torch.tensor([0, *sizes]).cumsum(0)
+            bounds = torch.tensor([0, *[dcp_ckpt.row_range(rows, self.world_size, r)[1]
+                                        for r in range(self.world_size)]])
             self.home_bounds[name] = bounds
             self.home_rows[name] = (int(bounds[self.rank]), int(bounds[self.rank + 1]))
         self.held: dict[str, torch.Tensor] = {}
         self.home: dict[str, torch.Tensor] = {}
         self.shared: dict[str, torch.Tensor] = {}
         self.held_for: int | None = None
-        if checkpoint is not None and checkpoint.format == ckpt.SHARDED:
+        if checkpoint is not None and checkpoint.format == dcp_ckpt.FORMAT:
+            self._load_dcp(checkpoint, start_round)
+        elif checkpoint is not None and checkpoint.format == ckpt.SHARDED:
             self._load_shards(checkpoint, start_round)
         else:
             if checkpoint is not None:
@@ -789,39 +800,245 @@ class TorchShardedBackend(TorchDistBackend):
                 self.gathered = False
 
     def finish(self, ist: ISTModel) -> None:
-        """End of training: leave the trained model in rank 0's ``ist.model`` (gathered)."""
-        if self.prepared:
+        """End of training: leave the trained model in rank 0's ``ist.model`` (gathered), unless
+        :attr:`gather_on_finish` is False (the model stays sharded: save it with :meth:`save_model`)."""
+        if self.prepared and self.gather_on_finish:
             self.gather(ist)
 
     # -- checkpoints -------------------------------------------------------------------------
+    gather_on_finish = True
+    """Whether :meth:`finish` gathers the model onto rank 0 (``istfx train --save`` turns it off and writes
+    a sharded checkpoint instead)."""
+
+    checkpoints_carried_state = True  # the DCP checkpoint holds optimizer state and outer momentum
+
     def save_checkpoint(self, ist: ISTModel, root: str | os.PathLike, round: int, rank_state: dict,
                         manifest: dict, keep: int | None = None) -> None:
-        """Every rank writes its slices (with their indices), its home rows and, on rank 0, the
-        shared tensors, without gathering; rank 0 writes the manifest once all files exist."""
+        """A DCP checkpoint (:mod:`istfx.runtime.dcp_checkpoint`): every rank moves its units' rows to
+        their canonical rank (one all-to-all per tensor, in place of the homes) and writes its rows,
+        with the optimizer state and outer momentum they carry; the shared tensors are written once;
+        each rank its RNG state and data position; rank 0 the manifest once all files exist."""
         directory = ckpt.round_dir(root, round)
-        meta = dict(rank_state)
-        tensors: dict[str, torch.Tensor] = {}
-        slices, _ = self.round_slices(self.held_for)
-        meta.update({
-            "held_round": self.held_for,
-            "held": list(self.cut),
-            "shapes": {n: list(self.shapes[n]) for n in self.trainable},
-            "dtypes": {n: str(self.dtypes[n]).replace("torch.", "") for n in self.trainable},
-            "home_rows": {n: list(self.home_rows[n]) for n in self.homed},
-        })
-        for name in self.cut:
-            tensors[f"held/{name}"] = self.held[name]
-            for d, index in enumerate(slices.indices[self.rank][name]):
-                if index is not None:
-                    tensors[f"index/{name}/{d}"] = index
-        for name in self.homed:
-            tensors[f"home/{name}"] = self.home[name]
-        if self.rank == 0:
-            for name in self.shared_names:
-                tensors[f"shared/{name}"] = self.shared[name]
-        ckpt.save_rank(directory, self.rank, meta, tensors)
+        extra = self._write_dcp(directory)
+        ckpt.save_rank(directory, self.rank, dict(rank_state))
         dist.barrier()
         if self.rank == 0:
-            ckpt.write_manifest(root, round, {**manifest, "format": ckpt.SHARDED,
+            ckpt.write_manifest(root, round, {**manifest, **extra, "format": dcp_ckpt.FORMAT,
                                               "world_size": self.world_size}, keep)
         dist.barrier()
+
+    def save_model(self, path: str | os.PathLike) -> None:
+        """Write the trained model as a sharded DCP checkpoint directory at `path` (every rank calls this;
+        no rank gathers). :func:`istfx.runtime.export.export` makes one safetensors file of it."""
+        path = Path(path)
+        if self.rank == 0:
+            (path / ckpt.MANIFEST).unlink(missing_ok=True)  # complete again only once the new files are written
+        extra = self._write_dcp(path, model_only=True)
+        dist.barrier()
+        if self.rank == 0:
+            body = {"round": self.held_for, "next_round": self.held_for + 1, "format": dcp_ckpt.FORMAT,
+                    "world_size": self.world_size, "model_only": True, "subnets": self.ist.plan.subnets,
+                    "seed": self.ist.plan.seed, "topology": self.topology, "written": time.time(), **extra}
+            ckpt.atomic_write_text(path / ckpt.MANIFEST, json.dumps(body, indent=2, sort_keys=True))
+        dist.barrier()
+
+    def _canonical(self, slices: RoundSlices, name: str, held: torch.Tensor,
+                   home: torch.Tensor | None) -> torch.Tensor:
+        """This rank's canonical rows of tensor `name` (one all-to-all): every rank sends each the rows of
+        its slice that fall in the other's canonical rows. `home` (the same rows) is updated in place
+        and returned; without one the rows are new (the slices cover every element)."""
+        shape, me, world = self.shapes[name], self.rank, self.world_size
+        start, stop = dcp_ckpt.row_range(shape[0], world, me)
+        out = home if home is not None else torch.empty((stop - start, *shape[1:]), dtype=held.dtype,
+                                                        device=held.device)
+        sends, send_sizes, recv_specs = [], [], []
+        mine = slices.indices[me][name]
+        rows_mine = mine[0] if mine[0] is not None else torch.arange(shape[0])
+        width = math.prod(held.shape[1:]) * held.element_size()
+        for k in range(world):
+            a, b = dcp_ckpt.row_range(shape[0], world, k)
+            positions = torch.nonzero((rows_mine >= a) & (rows_mine < b)).flatten()
+            sends.append(lambda positions=positions: held.index_select(0, positions.to(held.device)))
+            send_sizes.append(len(positions) * width)
+        for j in range(world):
+            index = slices.indices[j][name]
+            rows_j = index[0] if index[0] is not None else torch.arange(shape[0])
+            positions = torch.nonzero((rows_j >= start) & (rows_j < stop)).flatten()
+            block = [rows_j[positions] - start, *index[1:]]
+            recv_specs.append((len(positions), block))
+        received = self._all_to_all_bytes(sends, send_sizes, [
+            n * math.prod(self.slice_shape(slices, name, j)[1:]) * held.element_size()
+            for j, (n, _) in enumerate(recv_specs)])
+        del sends
+        for j, (n, block) in enumerate(recv_specs):
+            if n:
+                value = received[j].view(held.dtype).view((n, *self.slice_shape(slices, name, j)[1:]))
+                put_block(out, block, value)
+        return out
+
+    def _from_canonical(self, slices: RoundSlices, name: str, canonical: torch.Tensor) -> torch.Tensor:
+        """This rank's slice of `name` under `slices`, from every rank's canonical rows (one all-to-all)."""
+        shape, me, world = self.shapes[name], self.rank, self.world_size
+        start, stop = dcp_ckpt.row_range(shape[0], world, me)
+        sends, send_sizes = [], []
+        for j in range(world):
+            index = slices.indices[j][name]
+            rows_j = index[0] if index[0] is not None else torch.arange(shape[0])
+            positions = torch.nonzero((rows_j >= start) & (rows_j < stop)).flatten()
+            block = [rows_j[positions] - start, *index[1:]]
+            sends.append(lambda block=block: take_block(canonical, block))
+            send_sizes.append(len(positions) * math.prod(self.slice_shape(slices, name, j)[1:])
+                              * canonical.element_size())
+        mine = slices.indices[me][name]
+        rows_mine = mine[0] if mine[0] is not None else torch.arange(shape[0])
+        held = torch.empty(self.slice_shape(slices, name, me), dtype=canonical.dtype, device=canonical.device)
+        width = math.prod(held.shape[1:]) * held.element_size()
+        places = []
+        for k in range(world):
+            a, b = dcp_ckpt.row_range(shape[0], world, k)
+            places.append(torch.nonzero((rows_mine >= a) & (rows_mine < b)).flatten())
+        received = self._all_to_all_bytes(sends, send_sizes, [len(p) * width for p in places])
+        del sends
+        for k, positions in enumerate(places):
+            if len(positions):
+                value = received[k].view(held.dtype).view((len(positions), *held.shape[1:]))
+                put_block(held, [positions, *[None] * (held.dim() - 1)], value)
+        return held
+
+    def _all_to_all_bytes(self, sends: list, send_sizes: list[int], recv_sizes: list[int]) -> list[torch.Tensor]:
+        """One ``all_to_all_single`` of raw bytes: `sends[k]()` (made one at a time, straight into the send
+        buffer) goes to rank k; returns what each rank sent."""
+        device = self.comm_device
+        send = torch.empty(sum(send_sizes), dtype=torch.uint8, device=device)
+        offset = 0
+        for make, size in zip(sends, send_sizes):
+            if size:
+                piece = make().contiguous()
+                send[offset:offset + size].copy_(piece.reshape(-1).view(torch.uint8))
+                del piece
+            offset += size
+        output = torch.empty(sum(recv_sizes), dtype=torch.uint8, device=device)
+        dist.all_to_all_single(output, send, recv_sizes, send_sizes)
+        del send
+        parts, offset = [], 0
+        for size in recv_sizes:
+            parts.append(output[offset:offset + size])
+            offset += size
+        return parts
+
+    def _channels(self) -> list[tuple[str, dict[str, torch.Tensor], dict[str, torch.Tensor] | None]]:
+        """(prefix, slices, homes) of every channel a checkpoint holds: the values, then each carried
+        optimizer-state key and the outer momentum (homes of a channel that has none yet: zeros)."""
+        out = [("", self.held, self.home)]
+        for key in sorted(self.state_held):
+            home = self.state_home.setdefault(key, {})
+            for name in self.homed:
+                if name not in home:
+                    home[name] = torch.zeros_like(self.home[name])
+            out.append((f"state/{key}/", self.state_held[key], home))
+        return out
+
+    def _write_dcp(self, directory: str | os.PathLike, model_only: bool = False) -> dict:
+        """Write this rank's canonical rows (and, unless `model_only`, the carried state) under
+        `directory`; returns the manifest entries (on rank 0)."""
+        slices, _ = self.round_slices(self.held_for)
+        state: dict[str, torch.Tensor | dcp_ckpt.RowShard] = {}
+        channels = self._channels()[:1] if model_only else self._channels()
+        with torch.no_grad():
+            for prefix, held, home in channels:
+                for name in self.cut:
+                    rows = self._canonical(slices, name, held[name], home.get(name) if home is not None else None)
+                    state[prefix + name] = dcp_ckpt.RowShard(rows, self.shapes[name])
+        for name in self.shared_names:
+            state[name] = self.shared[name]
+        extra: dict = {"model_keys": list(self.trainable), "held_round": self.held_for}
+        if not model_only:
+            for name, entry in self.shared_state.items():
+                for key, value in entry.items():
+                    state[f"state/{key}/{name}"] = value
+            for name, value in self.shared_outer.items():
+                if value is not None:
+                    state[f"state/{MOMENTUM_KEY}/{name}"] = value
+            scalars: dict[str, dict[str, str]] = {}
+            for name, entry in self.scalars.items():
+                for key, value in entry.items():
+                    kind = "tensor" if isinstance(value, torch.Tensor) else type(value).__name__
+                    if kind not in ("tensor", "int", "float"):
+                        continue  # not a number: an optimizer's flag, rebuilt by the optimizer
+                    scalars.setdefault(name, {})[key] = kind
+                    state[f"scalar/{key}/{name}"] = value.detach().clone() if kind == "tensor" else \
+                        torch.tensor(value, dtype=torch.float64 if kind == "float" else torch.int64)
+            extra.update({
+                "carried_state": not self.state_config.plain,
+                "state_keys": sorted(self.state_held),
+                "shared_state_keys": {n: sorted(e) for n, e in self.shared_state.items()},
+                "shared_outer": sorted(n for n, v in self.shared_outer.items() if v is not None),
+                "scalars": scalars,
+            })
+        table = dcp_ckpt.save(directory, state)
+        del state
+        return {**extra, "dcp": table} if self.rank == 0 else extra
+
+    def _load_dcp(self, checkpoint: ckpt.Checkpoint, start_round: int) -> None:
+        """Start from a DCP checkpoint, written by any number of ranks: read this rank's canonical rows
+        (DCP reshards), then deal the slices of round ``start_round - 1`` (an all-to-all per tensor);
+        the next round's exchange moves them on as in an uninterrupted run."""
+        manifest = checkpoint.manifest
+        table = manifest.get("dcp")
+        if not isinstance(table, dict):
+            raise ckpt.CheckpointError(f"{checkpoint.path / ckpt.MANIFEST}: a DCP checkpoint without its 'dcp' "
+                                       "chunk table: the manifest is corrupt.")
+        carried = bool(manifest.get("carried_state"))
+        if not self.state_config.plain and not carried:
+            raise ISTError(f"checkpoint {checkpoint.path} holds no optimizer state or outer momentum (written by a "
+                           "run with optimizer_state='reset' and no outer step): resume it the same way, or start "
+                           "again.")
+        round = start_round - 1
+        slices, _ = self.round_slices(round)
+        device = self.comm_device
+        keys = [""]
+        if not self.state_config.plain:
+            keys += [f"state/{k}/" for k in manifest.get("state_keys", [])]
+        state: dict[str, torch.Tensor | dcp_ckpt.RowShard] = {}
+        canonical: dict[str, dict[str, torch.Tensor]] = {}
+        for prefix in keys:
+            for name in self.cut:
+                start, stop = dcp_ckpt.row_range(self.shapes[name][0], self.world_size, self.rank)
+                rows = torch.empty((stop - start, *self.shapes[name][1:]), dtype=self.dtypes[name], device=device)
+                canonical.setdefault(prefix, {})[name] = rows
+                state[prefix + name] = dcp_ckpt.RowShard(rows, self.shapes[name])
+        self.shared = {n: torch.empty(self.shapes[n], dtype=self.dtypes[n], device=device) for n in self.shared_names}
+        state.update(self.shared)
+        scalars = manifest.get("scalars", {}) if not self.state_config.plain else {}
+        if not self.state_config.plain:
+            for name, names in manifest.get("shared_state_keys", {}).items():
+                for key in names:
+                    state[f"state/{key}/{name}"] = torch.empty(self.shapes[name], dtype=self.dtypes[name],
+                                                               device=device)
+            for name in manifest.get("shared_outer", []):
+                state[f"state/{MOMENTUM_KEY}/{name}"] = torch.empty(self.shapes[name], dtype=self.dtypes[name],
+                                                                    device=device)
+            for name, entry in scalars.items():
+                for key in entry:
+                    dtype = (table["tensors"].get(f"scalar/{key}/{name}") or {}).get("dtype", "float32")
+                    state[f"scalar/{key}/{name}"] = torch.empty((), dtype=getattr(torch, dtype))
+        dcp_ckpt.load(checkpoint.path, table, state)
+        with torch.no_grad():
+            self.held = {n: self._from_canonical(slices, n, canonical[""][n]) for n in self.cut}
+            self.home = {n: canonical[""][n] for n in self.homed}  # homes are canonical rows
+            for prefix in keys[1:]:
+                key = prefix[len("state/"):-1]
+                self.state_held[key] = {n: self._from_canonical(slices, n, canonical[prefix][n]) for n in self.cut}
+                self.state_home[key] = {n: canonical[prefix][n] for n in self.homed}
+            if not self.state_config.plain:
+                for name, names in manifest.get("shared_state_keys", {}).items():
+                    self.shared_state[name] = {k: state[f"state/{k}/{name}"] for k in names}
+                for name in manifest.get("shared_outer", []):
+                    self.shared_outer[name] = state[f"state/{MOMENTUM_KEY}/{name}"]
+                for name, entry in scalars.items():
+                    for key, kind in entry.items():
+                        value = state[f"scalar/{key}/{name}"]
+                        self.scalars.setdefault(name, {})[key] = value if kind == "tensor" else \
+                            (float(value) if kind == "float" else int(value))
+        del canonical, state
+        self.held_for = round

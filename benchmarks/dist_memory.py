@@ -264,10 +264,11 @@ def write_initial_state(model_file: Path, out: Path) -> None:
 
 
 def run_job(method: str, width: int, world: int, settings: Settings, folder: Path, caps=None,
-            cap_bytes: int | None = None) -> JobResult:
+            cap_bytes: int | None = None, extra_args: tuple[str, ...] = ()) -> JobResult:
     """Train the wide MLP at `width` with `method` on `world` ranks; optionally cap each rank's memory.
 
-    `method` is ``"ps"``, ``"sharded"`` (IST, one subnet per rank), ``"ddp"`` or ``"local_sgd"``.
+    `method` is ``"ps"``, ``"sharded"`` (IST, one subnet per rank), ``"ddp"`` or ``"local_sgd"``;
+    `extra_args` go to the IST ranks' ``istfx train`` (e.g. ``--save``).
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
@@ -284,7 +285,7 @@ def run_job(method: str, width: int, world: int, settings: Settings, folder: Pat
                 "--batch-size", str(settings.batch_size), "--lr", "0.01", "--momentum", "0", "--threads", "1",
                 "--eval-every", str(10 ** 6), "--quiet", "--metrics", str(metrics), "--init-from", str(init),
                 "--timeout", str(int(settings.timeout)), "--round-timeout", str(int(settings.timeout)),
-                "--heartbeat-timeout", "0"]
+                "--heartbeat-timeout", "0", *extra_args]
         commands = [argv] * world
     else:
         argv = [sys.executable, str(Path(__file__).resolve()), "--worker", method, "--width", str(width),

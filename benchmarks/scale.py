@@ -205,21 +205,30 @@ def cap_search(budget_mb: int, world: int, start: int, step: int, limit: int, bi
             details: dict[int, dict] = {}
 
             def fits(width: int, method: str = method, details: dict = details) -> bool:
+                saved = folder / f"trained_{width}.safetensors"
+                extra = ("--save", str(saved)) if method == "sharded" else ()
                 job = dm.run_job(method, width, world, settings, folder, caps,
-                                 budget_mb * MB if caps is not None else None)
+                                 budget_mb * MB if caps is not None else None, extra_args=extra)
                 for stale in folder.glob("init_*.safetensors"):
                     stale.unlink()  # up to gigabytes each
+                saved_ok = None
+                if extra:  # the whole job: training, then every rank writes its rows and rank 0 streams one file
+                    saved_ok = job.ok and _saved_model_ok(saved, width)
+                    saved.unlink(missing_ok=True)
                 trained = job.rounds_completed == settings.rounds
                 if not trained and not job.oom_killed:
                     raise RuntimeError(f"{method} at W={width} failed without running out of memory: {job.error}")
                 peaks = job.metrics.get("rss_peak_mb")  # VmHWM of each worker up to its last round
                 ok = trained and (caps is not None or max(peaks) <= budget_mb)
-                details[width] = {"trains": ok, "job_completed": job.ok, "oom_killed": job.oom_killed,
+                details[width] = {"trains": ok, "job_completed": job.ok if saved_ok is None else saved_ok,
+                                  "saved": saved_ok, "oom_killed": job.oom_killed,
                                   "rounds_completed": job.rounds_completed, "seconds": round(job.seconds, 1),
                                   "peak_rss_mb": peaks, "cgroup_peak_mb": job.charged_mb}
                 verdict = "trains" if ok else "OOM-killed" if job.oom_killed else "over the budget"
                 if ok and not job.ok:
-                    verdict += " (every round done; then OOM-killed gathering the model onto rank 0)"
+                    verdict += " (every round done; then OOM-killed saving the model)"
+                elif saved_ok:
+                    verdict += ", saved (sharded checkpoint, exported to one file)"
                 log(f"  {method:>7} W={width:>6}: {verdict} ({job.seconds:.0f}s"
                     f"{', peak ' + format(max(peaks), '.0f') + ' MiB' if peaks else ''})")
                 return ok
@@ -235,6 +244,17 @@ def cap_search(budget_mb: int, world: int, start: int, step: int, limit: int, bi
             caps.__exit__(None, None, None)
     out["load_average_end"] = os.getloadavg()[0]
     return out
+
+
+def _saved_model_ok(path: Path, width: int) -> bool:
+    """Whether `path` holds the whole trained MLP of `width` (header and shapes; read, not loaded)."""
+    from istfx.runtime.checkpoint import CheckpointError, TensorFile
+
+    try:
+        with TensorFile(path) as handle:
+            return handle.shape("layers.3.weight") == (width, width) and handle.shape("layers.0.weight") == (width, 64)
+    except CheckpointError:
+        return False
 
 
 def cap_table(result: dict) -> str:
@@ -346,12 +366,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--step", type=int, default=256, help="width resolution of the cap search")
     parser.add_argument("--bisections", type=int, default=None, help="bisection steps (default 3; 0 with --quick)")
     parser.add_argument("--no-cgroups", action="store_true", help="compare measured peaks with the budget instead")
+    parser.add_argument("--timeout", type=float, default=600.0,
+                        help="seconds a job may run before it is stopped (default 600; more on a loaded machine)")
     parser.add_argument("--json", type=Path, default=None,
                         help="write the numbers here instead of docs/scale.json and docs/benchmarks_scale.md")
     args = parser.parse_args(argv)
     log = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
     dm.interrupt_on_sigterm()
-    settings = dm.Settings(rounds=2, local_steps=2, batch_size=32, timeout=600.0)
+    settings = dm.Settings(rounds=2, local_steps=2, batch_size=32, timeout=args.timeout)
     result: dict = {}
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="istfx-scale-") as tmp:

@@ -199,15 +199,14 @@ def test_resume_continues_the_same_trajectory(topology, request):
 
 def test_sharded_checkpoint_is_written_without_gathering(sharded_run, compiled):
     ckpt = checkpoint.find(sharded_run["ckpt"])
-    assert ckpt.format == checkpoint.SHARDED and ckpt.round == ROUNDS - 1 and ckpt.world_size == 2
+    assert ckpt.format == checkpoint.DCP and ckpt.round == ROUNDS - 1 and ckpt.world_size == 2
     assert not checkpoint.model_file(ckpt.path).exists()
-    meta, tensors = ckpt.rank_state(1)
-    assert meta["held_round"] == ROUNDS - 1
-    assert "home/fc2.weight" in tensors and "held/fc1.weight" in tensors and "index/fc1.weight/0" in tensors
-    assert not any(k.startswith("shared/") for k in tensors)  # shared tensors live in rank 0's file only
-    held = tensors["held/fc2.weight"]
-    assert held.shape == (20, 24)  # 1/S of each split axis
-    _assert_same(checkpoint.consolidate(ckpt), sharded_run["final"], what="consolidated checkpoint")
+    meta, _ = ckpt.rank_state(1)
+    assert "data_positions" in meta
+    chunks = ckpt.manifest["dcp"]["tensors"]["fc2.weight"]["chunks"]
+    assert [c["sizes"] for c in chunks] == [[20, 48], [20, 48]]  # each rank wrote its own rows
+    assert len(ckpt.manifest["dcp"]["tensors"]["fc3.bias"]["chunks"]) == 1  # shared tensors once
+    _assert_same(ckpt.model_state(), sharded_run["final"], what="the checkpoint's model")
 
 
 # -- communication accounting ----------------------------------------------------------------------

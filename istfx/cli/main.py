@@ -19,6 +19,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from istfx.cli import export as export_options
 from istfx.cli import fl, options
 from istfx.errors import ISTError
 
@@ -78,6 +79,18 @@ COMMANDS: list[Command] = [
         run="istfx.cli.fl:run",
         epilog=fl.EPILOG,
         usage="istfx fl MODEL.py [options]",
+    ),
+    Command(
+        "export",
+        help="write the full model of a checkpoint (sharded ones too) as one safetensors file",
+        description="Stream the full model out of an istfx checkpoint (a sharded DCP checkpoint of\n"
+                    "--topology sharded, or a ps/local one) into one safetensors file, a block of rows\n"
+                    "at a time, every chunk checked; --hf-dir also writes a Hugging Face folder.",
+        configure=export_options.configure,
+        run="istfx.cli.export:run",
+        epilog=export_options.EPILOG,
+        usage="istfx export CHECKPOINT --out OUT.safetensors [--model MODEL.py --hf-dir DIR]",
+        check=export_options.check,
     ),
 ]
 """The commands, in the order ``istfx --help`` lists them. Add a command here."""

@@ -220,7 +220,10 @@ def configure_train(p: argparse.ArgumentParser) -> None:
                    help="continue from the newest checkpoint in --checkpoint-dir if there is one, else start "
                         "from round 0")
     o.add_argument("--metrics", default=None, metavar="OUT.jsonl", help="per-round metrics as JSON lines (rank 0)")
-    o.add_argument("--save", default=None, metavar="OUT.safetensors", help="write the trained model here (rank 0)")
+    o.add_argument("--save", default=None, metavar="OUT.safetensors",
+                   help="write the trained model here (rank 0). --topology sharded never gathers it: every "
+                        "rank writes its rows as a sharded checkpoint; OUT.safetensors is then streamed from "
+                        "it, a directory name keeps the sharded checkpoint (istfx export makes one file)")
 
     d = p.add_argument_group("--backend torch or deepspeed (processes on this machine or under torchrun)")
     d.add_argument("--master-port", type=positive_int, default=None,

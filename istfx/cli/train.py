@@ -265,12 +265,17 @@ def _train_rank(args: argparse.Namespace, status: RankStatus | None) -> int:
     show, totals = _printer(args, args.quiet)
     if rank == 0 and not args.quiet and status is None:  # our launcher said it already
         print(f"istfx train {args.model}: {args.subnets} subnets on {world} ranks, {_describe(args)}", flush=True)
+    sharded_save = bool(args.save) and getattr(backend, "topology", None) == "sharded"
+    if sharded_save:
+        backend.gather_on_finish = False  # the model stays sharded: every rank writes its rows (_save_sharded)
     try:
         history = istfx.fit(ist, _shards(args, train, loaded), backend=backend, callback=show,
                             **_fit_kwargs(args, loaded, test))
-        if rank == 0:
-            if not args.quiet:
-                _summary(history, totals, ist)
+        if rank == 0 and not args.quiet:
+            _summary(history, totals, ist)
+        if sharded_save:
+            _save_sharded(args, backend)
+        elif rank == 0:
             _save(args, ist)
     except ISTError as exc:
         if status is not None:  # said before leaving the process group, which can block when a peer is gone
@@ -383,6 +388,34 @@ def _save(args: argparse.Namespace, ist) -> None:
         checkpoint.atomic_save(checkpoint.model_state(ist), args.save)
         if not args.quiet:
             print(f"istfx: wrote the trained model to {args.save}", flush=True)
+
+
+def _save_sharded(args: argparse.Namespace, backend) -> None:
+    """``--save`` of a sharded run: every rank writes its rows as a DCP checkpoint, nobody gathers.
+
+    ``--save DIR`` keeps that checkpoint (``istfx export DIR --out FILE`` makes
+    one file of it); ``--save FILE.safetensors`` writes it next to FILE, then
+    rank 0 streams it into FILE a block of rows at a time and removes it.
+    """
+    import shutil
+
+    from istfx.runtime.export import export
+
+    target = Path(args.save)
+    single = target.suffix == ".safetensors"
+    folder = target.with_name(target.name + ".shards") if single else target
+    if single and os.environ.get("RANK", "0") == "0":
+        shutil.rmtree(folder, ignore_errors=True)  # a previous interrupted save
+    backend.save_model(folder)
+    if os.environ.get("RANK", "0") != "0":
+        return
+    if single:
+        export(folder, target)
+        shutil.rmtree(folder, ignore_errors=True)
+    if not args.quiet:
+        what = "the trained model" if single else "the trained model as a sharded checkpoint (one file per rank; " \
+            f"`istfx export {target} --out model.safetensors` writes one file)"
+        print(f"istfx: wrote {what} to {target}", flush=True)
 
 
 # -- printing -----------------------------------------------------------------------------------

@@ -282,6 +282,10 @@ class Backend(ABC):
     topology: str | None = None
     """How the ranks are organised (``"ps"``, ``"sharded"``), recorded in checkpoint manifests; None here."""
 
+    checkpoints_carried_state: ClassVar[bool] = False
+    """Whether :meth:`save_checkpoint` stores the carried optimizer state and outer momentum (so that ``fit``
+    may resume runs that keep them)."""
+
     state_config: StateConfig = StateConfig()
     """What the backend keeps between rounds (set by :meth:`configure_state`): reset state, plain write-back."""
 

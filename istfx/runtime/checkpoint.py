@@ -11,6 +11,10 @@ Layout of a checkpoint directory (one per saved round)::
         ...                       #   indices and its share of the idle elements
         manifest.json             # written last: the checkpoint is complete once it exists
 
+The sharded topology writes the ``"dcp"`` format instead: no
+``model.safetensors``, each rank's rows of every tensor under ``dcp/`` (see
+:mod:`istfx.runtime.dcp_checkpoint`), the rank files and the manifest as above.
+
 Every file is written to a temporary name and moved into place with
 ``os.replace``, and ``manifest.json`` is written only after every other file
 of the round exists, so a run killed while saving leaves the previous
@@ -60,6 +64,7 @@ if TYPE_CHECKING:
 __all__ = [
     "Checkpoint",
     "CheckpointError",
+    "DCP",
     "FULL",
     "SHARDED",
     "atomic_save",
@@ -86,6 +91,7 @@ __all__ = [
 
 FULL = "full"
 SHARDED = "sharded"
+DCP = "dcp"  # torch.distributed.checkpoint, canonical rows (istfx.runtime.dcp_checkpoint)
 MANIFEST = "manifest.json"
 LATEST = "latest"
 _META_KEY = "istfx"
@@ -409,6 +415,8 @@ class Checkpoint:
         path = self.rank_path(rank)
         if not path.is_file() and rank in self.manifest.get("missing_rank_files", []):
             return None
+        if self.format == DCP and rank >= self.world_size:
+            return None  # resumed on more ranks than wrote it (DCP reshards): fresh RNG, default data positions
         with self.open(path) as handle:
             tensors, meta = handle.load_all()
         return meta, tensors
@@ -427,6 +435,8 @@ class Checkpoint:
                                       f"state, or a rank's RNG state and data position); restore it, or remove "
                                       f"{self.path} to resume from an older checkpoint.")
         for key, value in (("subnets", subnets), ("seed", seed)):
+            if key == "subnets" and self.format == DCP:
+                continue  # whole tensors in canonical rows: any number of subnets deals them anew
             saved = self.manifest.get(key)
             if value is not None and saved is not None and int(saved) != int(value):
                 raise ISTError(
@@ -438,6 +448,12 @@ class Checkpoint:
         """The full model state by captured name (sharded checkpoints are consolidated)."""
         if self.format == SHARDED:
             return consolidate(self)
+        if self.format == DCP:
+            from istfx.runtime import dcp_checkpoint
+
+            table = self.manifest.get("dcp") or {}
+            return {name: dcp_checkpoint.read_tensor(self.path, table, name)
+                    for name in self.manifest.get("model_keys", [])}
         with self.open(model_file(self.path)) as handle:
             tensors, _ = handle.load_all()
         return tensors
@@ -457,6 +473,23 @@ def load_into(ist: ISTModel, checkpoint: Checkpoint | str | os.PathLike) -> Chec
         raise CheckpointError(f"no complete checkpoint under {checkpoint}")
     if ckpt.format == SHARDED:
         load_state(ist, ckpt.model_state(), ckpt.path)
+        return ckpt
+    if ckpt.format == DCP:  # tensor by tensor from the chunks, each checked before it is written
+        from istfx.runtime import dcp_checkpoint
+
+        table = ckpt.manifest.get("dcp") or {}
+        missing = [n for n in ist.trainable_state if n not in (table.get("tensors") or {})]
+        if missing:
+            raise CheckpointError(f"{ckpt.path} lacks {', '.join(missing[:4])}: it belongs to another model.")
+        for name in ist.trainable_state:
+            target = ist.state_tensor(name)
+            shape = tuple(table["tensors"][name]["shape"])
+            if shape != tuple(target.shape):
+                raise CheckpointError(f"{ckpt.path}: {name} has shape {shape}, the model {tuple(target.shape)}.")
+        dcp_checkpoint.verify(ckpt.path, table, {name: None for name in ist.trainable_state})
+        with torch.no_grad():
+            for name in ist.trainable_state:
+                dcp_checkpoint.read_tensor(ckpt.path, table, name, out=ist.state_tensor(name))
         return ckpt
     with ckpt.open(model_file(ckpt.path)) as handle:
         load_state(ist, handle, handle.path)

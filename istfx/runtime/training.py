@@ -490,11 +490,12 @@ def fit(
                      resume=resume, resume_if_present=resume_if_present)
     state_config = _state_config(carry_optimizer_state, optimizer_state, outer_lr, outer_momentum, lr_schedule,
                                  clip_grad_norm)
-    if (resume or resume_if_present) and not state_config.plain:
-        raise ISTError("resume: checkpoints do not hold the carried optimizer state or the outer momentum yet, so "
-                       "a resumed run would leave its trajectory; resume with optimizer_state='reset' and no outer "
-                       "step, or start again.")
     runner = resolve_backend(backend)
+    if (resume or resume_if_present) and not state_config.plain and not runner.checkpoints_carried_state:
+        raise ISTError(f"resume: the {runner.name!r} backend's checkpoints do not hold the carried optimizer state "
+                       "or the outer momentum, so a resumed run would leave its trajectory; resume with "
+                       "optimizer_state='reset' and no outer step, start again, or use the torch backend's "
+                       "sharded topology, whose checkpoints hold them.")
     runner.configure_state(state_config)  # raises for a backend that cannot keep it
     device = torch.device(device) if device is not None else None
 

@@ -216,10 +216,11 @@ def test_ps_bytes_are_the_subnets_both_ways(ps_run, compiled):
         subnets = compiled.decompose(row["round"])
         payloads = [comm.packed_nbytes(comm.specs([dict(s.named_parameters(), **dict(s.named_buffers()))[n]
                                                    for n in compiled.trainable_state])) for s in subnets]
-        # header (kind, round, optimizer-state layout and size) + subnet; no optimizer state travels here
-        assert row["bytes_received"][1] == 32 + payloads[1]
+        # header (kind, round, optimizer-state layout and size, slot, slots for this rank: 6 int64) + subnet;
+        # no optimizer state travels here
+        assert row["bytes_received"][1] == 48 + payloads[1]
         assert row["bytes_sent"][1] == 96 + payloads[1]  # result header + trained subnet
-        assert row["bytes_sent"][0] == 32 + payloads[1]
+        assert row["bytes_sent"][0] == 48 + payloads[1]
         assert row["ddp_bytes_per_rank"] == pytest.approx(3 * 2 * (2 - 1) / 2 * param_bytes)
         assert row["local_sgd_bytes_per_rank"] == pytest.approx(param_bytes)
         assert row["failed"] == {} and row["missing"] == []

@@ -29,6 +29,8 @@ import signal
 import time
 from pathlib import Path
 
+from istfx.runtime.launch import process_alive
+
 PREFIX = "istfx-bench-"
 
 
@@ -67,16 +69,6 @@ def _own_paths() -> dict[str, str]:
 def _write(path: Path, text: str) -> None:
     with open(path, "w", encoding="ascii") as handle:
         handle.write(text)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class Cap:
@@ -241,7 +233,7 @@ def remove_stale(base: Path) -> list[Path]:
             owner = int(path.name[len(PREFIX):].split("-")[0])
         except ValueError:
             continue
-        if owner != os.getpid() and not _alive(owner):
+        if owner != os.getpid() and not process_alive(owner):
             with contextlib.suppress(OSError):
                 Cap(path, "", 0).remove(timeout=0.0, kill=False)
                 removed.append(path)

@@ -168,23 +168,15 @@ _OWNER_FILE = "owner.pid"
 def _remove_orphaned_folders(tmp_root: Path) -> None:
     """Remove the temporary folders of ``istfx fl`` runs whose launcher was killed (``kill -9`` leaves them; its
     Flower processes die with it through the parent-death signal)."""
+    from istfx.runtime.launch import process_alive
+
     for folder in tmp_root.glob(_TMP_PREFIX + "*"):
         try:
             owner = int((folder / _OWNER_FILE).read_text())
         except (OSError, ValueError):
             continue  # not ours, or still being set up
-        if not _alive(owner):
+        if not process_alive(owner):
             shutil.rmtree(folder, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _run_federation(args: argparse.Namespace, settings, tls, logs: Path, app_dir: Path) -> int:

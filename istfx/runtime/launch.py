@@ -154,6 +154,17 @@ def _record_exit(status_dir: str | None, rank: int, code: int, reason: str) -> N
             os.replace(f"{path}.tmp", path)
 
 
+def process_alive(pid: int) -> bool:
+    """Whether a process `pid` exists (a zombie counts until reaped; another user's process counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _alive_file(status_dir: str | None, rank: str | None) -> str | None:
     return os.path.join(status_dir, f"alive-{rank}") if status_dir and rank is not None else None
 

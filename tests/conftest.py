@@ -351,3 +351,35 @@ def build_model():
 
 example_inputs = (torch.randn(8, 64),)
 '''
+
+
+# -- processes (Linux /proc) ------------------------------------------------------
+
+
+def _children_by_parent() -> dict[int, list[int]]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    return children
+
+
+def child_pids(pid: int) -> list[int]:
+    """The processes whose parent is `pid`, now."""
+    return _children_by_parent().get(pid, [])
+
+
+def descendant_pids(pid: int) -> list[int]:
+    """Every process below `pid` (children, their children...), now."""
+    children = _children_by_parent()
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import descendant_pids
 from istfx.errors import ISTError
 from istfx.runtime.launch import check_port, free_port
 
@@ -45,24 +46,6 @@ def _listeners() -> dict[int, tuple[str, int]]:
     return out
 
 
-def _descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-            children.setdefault(ppid, []).append(int(entry))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
 def _socket_inodes(pid: int) -> set[int]:
     inodes = set()
     try:
@@ -85,7 +68,7 @@ def test_local_train_listens_on_loopback_only(tmp_path):
         deadline = time.monotonic() + 300
         while proc.poll() is None and time.monotonic() < deadline:
             listeners = _listeners()
-            for pid in _descendants(proc.pid):
+            for pid in descendant_pids(proc.pid):
                 for inode in _socket_inodes(pid) & set(listeners):
                     seen[listeners[inode]] = seen.get(listeners[inode], 0) + 1
             time.sleep(0.1)

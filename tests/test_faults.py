@@ -31,6 +31,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import child_pids
 from istfx.errors import ISTError
 from istfx.runtime import checkpoint
 from istfx.runtime.launch import free_port as _free_port
@@ -60,19 +61,6 @@ def _env_of(pid: int) -> dict[str, str]:
     except OSError:
         return {}
     return dict(item.split("=", 1) for item in raw.decode(errors="replace").split("\0") if "=" in item)
-
-
-def _children(pid: int) -> list[int]:
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                out.append(int(entry))
-    return out
 
 
 class Job:
@@ -114,7 +102,7 @@ class Job:
             assert time.monotonic() < deadline, f"no round {count} within {timeout}s:\n{self.stderr()[-3000:]}"
             time.sleep(0.1)
         if not self.ranks:
-            for pid in _children(self.proc.pid):
+            for pid in child_pids(self.proc.pid):
                 rank = _env_of(pid).get("RANK")
                 if rank is not None:
                     self.ranks[int(rank)] = pid
@@ -378,7 +366,7 @@ def test_sharded_under_torchrun_stops_within_the_heartbeat_timeout_of_a_hung_ran
         while not (metrics.exists() and metrics.read_text(encoding="utf-8").count("\n") >= 2):
             assert proc.poll() is None and time.monotonic() < deadline, err.read_text(encoding="utf-8")[-3000:]
             time.sleep(0.1)
-        ranks = {int(_env_of(p)["RANK"]): p for p in _children(proc.pid) if "RANK" in _env_of(p)}
+        ranks = {int(_env_of(p)["RANK"]): p for p in child_pids(proc.pid) if "RANK" in _env_of(p)}
         struck = time.monotonic()
         os.kill(ranks[1], signal.SIGSTOP)
         while _alive(ranks[0]) and time.monotonic() < struck + HEARTBEAT + EXIT_WITHIN:

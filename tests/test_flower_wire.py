@@ -395,3 +395,19 @@ def test_fl_removes_the_folders_of_killed_launchers(tmp_path) -> None:
     _remove_orphaned_folders(tmp_path)
     assert not orphan.exists()
     assert live.exists() and foreign.exists()
+
+
+def test_local_seconds_time_the_steps_not_the_optimizer_construction():
+    from istfx.flower.local import train_steps
+
+    model = torch.nn.Linear(3, 2)
+
+    def slow_optimizer(parameters):
+        import time
+        time.sleep(0.5)  # stands in for a first optimizer's one-time torch._dynamo import
+        return torch.optim.SGD(parameters, lr=0.1)
+
+    batches = [(torch.randn(4, 3), torch.tensor([0, 1, 0, 1]))] * 2
+    result = train_steps(model, list(model.parameters()), batches, slow_optimizer, torch.nn.functional.cross_entropy)
+    assert result.steps == 2 and result.samples == 8
+    assert result.seconds < 0.5

@@ -16,7 +16,7 @@ from istfx.errors import ISTError
 from istfx.flower.client_app import ClientState, train_ist
 from istfx.flower.data import ClientBatches, client_indices
 from istfx.flower.settings import FederatedSettings
-from istfx.flower.strategy import ISTStrategy, deal_slots, sample_clients
+from istfx.flower.strategy import ISTStrategy, RecordingFedAvg, deal_slots, sample_clients
 from istfx.flower.wire import (
     SubnetDescription,
     WireError,
@@ -229,6 +229,30 @@ def test_capacity_classes_stay_with_their_clients(model_file, task_identity):
         for client in strategy.stats[round].clients:
             assert seen.setdefault(client.node, client.slot) == client.slot
     assert strategy.capacity == {3: 0, 5: 1, 7: 0, 9: 1, 11: 0}
+
+
+
+def test_fedavg_samples_the_clients_ist_samples(model_file, task_identity):
+    loaded = load_model_file(model_file)
+    ist = istfx.compile(loaded.model, example_inputs=loaded.example_inputs, subnets=2)
+    nodes = [11, 5, 9, 7, 3, 13, 2, 8]
+    ist_strategy = ISTStrategy(ist, participation=0.25, seed=3)
+    fedavg = RecordingFedAvg(fraction_train=0.25, fraction_evaluate=0.0, min_available_nodes=len(nodes), seed=3)
+    arrays = ArrayRecord(loaded.model.state_dict())
+    per_round = []
+    for round in (1, 2, 3, 4):
+        ist_strategy.configure_train(round, ArrayRecord(), ConfigRecord(), _Grid(nodes))
+        messages = list(fedavg.configure_train(round, arrays, ConfigRecord(), _Grid(nodes)))
+        ist_nodes = [c.node for c in ist_strategy.stats[round].clients]
+        assert [m.metadata.dst_node_id for m in messages] == ist_nodes
+        assert [c.node for c in fedavg.stats[round].clients] == ist_nodes
+        assert messages[0].content["config"]["server-round"] == round
+        per_round.append(tuple(ist_nodes))
+    assert len(set(per_round)) > 1  # the sample changes from round to round
+    other = RecordingFedAvg(fraction_train=0.25, fraction_evaluate=0.0, min_available_nodes=len(nodes), seed=4)
+    others = [tuple(m.metadata.dst_node_id for m in other.configure_train(r, arrays, ConfigRecord(), _Grid(nodes)))
+              for r in (1, 2, 3, 4)]
+    assert others != per_round
 
 
 @pytest.fixture

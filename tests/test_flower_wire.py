@@ -25,7 +25,7 @@ from istfx.flower.wire import (
     record_to_tensors,
     tensors_to_record,
 )
-from istfx.runtime.partition import dirichlet_label_partition
+from istfx.runtime.federated_data import dirichlet_label_partition
 
 MODEL = textwrap.dedent('''
     import torch
@@ -145,26 +145,16 @@ def test_bad_run_configs_are_refused(config, message):
 
 
 # -- partitions ----------------------------------------------------------------------------------
-def test_dirichlet_partition_covers_every_sample_once_and_skews_labels():
-    labels = np.repeat(np.arange(10), 100)
-    for alpha in (None, 0.1, 100.0):
-        parts = dirichlet_label_partition(labels, clients=8, alpha=alpha, seed=3)
-        joined = np.concatenate(parts)
-        assert len(joined) == len(labels) and len(np.unique(joined)) == len(labels)
-        assert parts[0].tolist() == dirichlet_label_partition(labels, 8, alpha, seed=3)[0].tolist()
-    classes = lambda alpha: np.mean([len(np.unique(labels[p])) for p in dirichlet_label_partition(labels, 8, alpha, 0)])
-    assert classes(0.1) < 6 < classes(100.0)
-
-
-@pytest.mark.parametrize("kwargs, message", [
-    ({"labels": [0.5, 1.5], "clients": 2, "alpha": 1.0}, "integer"),
-    ({"labels": [0, 1], "clients": 0, "alpha": 1.0}, "clients"),
-    ({"labels": [0, 1], "clients": 2, "alpha": 0.0}, "alpha"),
-    ({"labels": [0, 1], "clients": 3, "alpha": None}, "cannot give"),
-])
-def test_bad_partition_arguments_are_refused(kwargs, message):
-    with pytest.raises(ISTError, match=message):
-        dirichlet_label_partition(**kwargs)
+def test_client_indices_are_the_label_partition_of_the_training_labels():
+    labels = torch.arange(200) % 5
+    data = torch.utils.data.TensorDataset(torch.randn(200, 3), labels)
+    for alpha in (None, 0.1):
+        parts = [client_indices(data, c, 4, alpha, seed=3) for c in range(4)]
+        assert sorted(torch.cat(parts).tolist()) == list(range(200))
+        expected = dirichlet_label_partition(labels, 4, alpha, 3)
+        assert all(torch.equal(p, e) for p, e in zip(parts, expected))
+    with pytest.raises(ISTError, match="partition-id"):
+        client_indices(data, 4, 4, 0.5, 0)
 
 
 def test_client_batches_continue_from_any_position():

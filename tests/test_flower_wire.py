@@ -14,7 +14,7 @@ import istfx
 from istfx.cli.loader import load_model_file
 from istfx.errors import ISTError
 from istfx.flower.client_app import ClientState, train_ist
-from istfx.flower.data import ClientBatches, client_indices
+from istfx.flower.data import ClientBatches, client_dataset, client_indices
 from istfx.flower.settings import FederatedSettings
 from istfx.flower.strategy import ISTStrategy, RecordingFedAvg, deal_slots, sample_clients
 from istfx.flower.wire import (
@@ -155,6 +155,28 @@ def test_client_indices_are_the_label_partition_of_the_training_labels():
         assert all(torch.equal(p, e) for p, e in zip(parts, expected))
     with pytest.raises(ISTError, match="partition-id"):
         client_indices(data, 4, 4, 0.5, 0)
+
+
+def test_a_model_files_client_data_replaces_the_dirichlet_partition(tmp_path, model_file):
+    path = tmp_path / "own_clients.py"
+    path.write_text(MODEL + textwrap.dedent('''
+
+        def client_data(client, clients, seed=0):
+            x = torch.full((3 + client, 6), float(client * 100 + clients * 10 + seed), dtype=torch.float64)
+            return TensorDataset(x, torch.zeros(3 + client, dtype=torch.int64))
+    '''))
+    loaded = load_model_file(path)
+    data, indices = client_dataset(loaded, "auto", 2, 4, 0.1, seed=1)
+    assert len(data) == 5 and indices.tolist() == [0, 1, 2, 3, 4]
+    assert torch.all(data.tensors[0] == 241.0)  # client 2 of 4, seed 1: the file's own split, not --dirichlet's
+    batch = ClientBatches(data, indices, 2, 0, 2).batch(0)
+    assert batch[0].shape == (2, 6) and torch.all(batch[0] == 241.0)
+    # without client_data: the Dirichlet partition of train_data()
+    plain = load_model_file(model_file)
+    train, indices = client_dataset(plain, "auto", 1, 3, 0.5, seed=0)
+    assert len(train) == 60 and torch.equal(indices, client_indices(train, 1, 3, 0.5, 0))
+    with pytest.raises(ISTError, match="partition-id"):
+        client_dataset(loaded, "auto", 4, 4, None, 0)
 
 
 def test_client_batches_continue_from_any_position():

@@ -20,7 +20,7 @@ from istfx.errors import ISTError
 from istfx.runtime.data import as_dataset, digits
 from istfx.runtime.federated_data import dirichlet_label_partition, labels_of
 
-__all__ = ["ClientBatches", "LoadedModelFile", "client_indices", "datasets", "labels_of"]
+__all__ = ["ClientBatches", "LoadedModelFile", "client_dataset", "client_indices", "datasets", "labels_of"]
 
 
 class LoadedModelFile(Protocol):
@@ -51,6 +51,27 @@ def client_indices(dataset: Any, client: int, clients: int, alpha: float | None,
                        f"0..{clients - 1}).")
     labels = labels_of(dataset) if alpha is not None else torch.zeros(len(dataset), dtype=torch.int64)
     return dirichlet_label_partition(labels, clients, alpha, seed)[client]
+
+
+def client_dataset(loaded: LoadedModelFile, data: str, client: int, clients: int, alpha: float | None,
+                   seed: int) -> tuple[Any, torch.Tensor]:
+    """Client `client`'s training data as ``(dataset, indices into it)``.
+
+    A model file that defines ``client_data(client, clients, seed)`` gives each
+    client its own dataset (a split the file knows, e.g. text by document);
+    it overrides `alpha`, and every one of its samples is the client's.
+    Otherwise the client holds its :func:`client_indices` of the training set
+    of :func:`datasets`.
+    """
+    if not 0 <= client < clients:
+        raise ISTError(f"client {client} is not one of the {clients} partitions (partition-id must be in "
+                       f"0..{clients - 1}).")
+    own = loaded.function("client_data") if data != "digits" else None
+    if own is not None:
+        dataset = as_dataset(own(client, clients, seed), "client_data()")
+        return dataset, torch.arange(len(dataset))
+    train, _ = datasets(loaded, data, seed)
+    return train, client_indices(train, client, clients, alpha, seed)
 
 
 class ClientBatches:

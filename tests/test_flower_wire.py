@@ -377,6 +377,31 @@ def test_tls_options_need_every_file(tmp_path, model_file, capsys):
     assert "TLS files not found" in capsys.readouterr().err
 
 
+def test_sigterm_stops_fl_as_ctrl_c_does(model_file, monkeypatch, capsys):
+    import os
+    import signal
+    import time
+
+    from istfx.cli import fl
+    from istfx.cli.main import main
+
+    seen = {}
+
+    def federation(args, settings, tls, logs, app_dir):
+        seen["tmp"] = app_dir.parent
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler interrupts this
+        return 0
+
+    monkeypatch.setattr(fl, "_run_federation", federation)
+    before = signal.getsignal(signal.SIGTERM)
+    begin = time.monotonic()
+    assert main(["fl", str(model_file), "--clients", "2"]) == 130
+    assert time.monotonic() - begin < 4
+    assert not seen["tmp"].exists()  # the run's temporary folder is removed, as on Ctrl-C
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
 def test_federation_processes_die_with_a_killed_launcher(tmp_path) -> None:
     """`kill -9` of the launcher: what it spawned (SuperLink, SuperNodes, flwr run) gets the parent-death signal."""
     import os

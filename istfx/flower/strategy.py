@@ -284,9 +284,10 @@ class RecordingFedAvg(FedAvg):
 
     Aggregation is Flower's. Sampling is not Flower's unseeded ``random.sample``
     but :func:`sample_clients` with `seed` and ``fraction_train``, as
-    :class:`ISTStrategy` samples: with the same seed and participation both
-    strategies train the same clients every round, so methods differ only in
-    what those clients train.
+    :class:`ISTStrategy` samples: given the same nodes, seed and participation
+    both strategies train the same nodes every round. (Separate federations get
+    random node IDs from their SuperLink, so their samples, taken by rank among
+    the sorted IDs, are different partitions.)
     """
 
     def __init__(self, *args, seed: int = 0, round_timeout: float = 600.0, **kwargs) -> None:

@@ -7,7 +7,7 @@ batch size and seed; only the strategy and the policy differ:
 
 ============  ============================================================================
 fedavg        Flower's own FedAvg: the full model on every sampled client
-heterofl      HeteroFL-style heterogeneous sub-models: istfx ``--sizes`` per client slot
+heterofl      HeteroFL-style nested sub-models: ``--policy nested --sizes 1,0.5,0.25,0.25``
 fedrolex      FedRolex-style rolling sub-models: ``--policy rolling``
 ist           IST, disjoint subnets: ``--policy disjoint``
 ist-overlap   IST, overlapping subnets: ``--policy overlap(KEEP)``
@@ -68,8 +68,8 @@ class Method:
 
 METHODS = {m.name: m for m in (
     Method("fedavg", "FedAvg (Flower, full model)", ("--strategy", "fedavg")),
-    Method("heterofl", "HeteroFL-style (sizes 1/2,1/4,1/8,1/8, overlap)",
-           ("--strategy", "ist", "--policy", "overlap", "--sizes", "0.5,0.25,0.125,0.125")),
+    Method("heterofl", "HeteroFL-style (nested prefixes, sizes 1,1/2,1/4,1/4)",
+           ("--strategy", "ist", "--policy", "nested", "--sizes", "1,0.5,0.25,0.25")),
     Method("fedrolex", "FedRolex-style (rolling windows)", ("--strategy", "ist", "--policy", "rolling")),
     Method("ist", "IST disjoint", ("--strategy", "ist", "--policy", "disjoint")),
     Method("ist-overlap", "IST overlap(0.5)", ("--strategy", "ist", "--policy", "overlap(0.5)")),

@@ -14,9 +14,9 @@ import istfx
 from istfx.cli.loader import load_model_file
 from istfx.errors import ISTError
 from istfx.flower.client_app import ClientState, train_ist
-from istfx.flower.data import ClientBatches, client_indices
+from istfx.flower.data import ClientBatches, client_dataset, client_indices
 from istfx.flower.settings import FederatedSettings
-from istfx.flower.strategy import ISTStrategy, deal_slots, sample_clients
+from istfx.flower.strategy import ISTStrategy, RecordingFedAvg, deal_slots, sample_clients
 from istfx.flower.wire import (
     SubnetDescription,
     WireError,
@@ -25,7 +25,7 @@ from istfx.flower.wire import (
     record_to_tensors,
     tensors_to_record,
 )
-from istfx.runtime.partition import dirichlet_label_partition
+from istfx.runtime.federated_data import dirichlet_label_partition
 
 MODEL = textwrap.dedent('''
     import torch
@@ -145,26 +145,38 @@ def test_bad_run_configs_are_refused(config, message):
 
 
 # -- partitions ----------------------------------------------------------------------------------
-def test_dirichlet_partition_covers_every_sample_once_and_skews_labels():
-    labels = np.repeat(np.arange(10), 100)
-    for alpha in (None, 0.1, 100.0):
-        parts = dirichlet_label_partition(labels, clients=8, alpha=alpha, seed=3)
-        joined = np.concatenate(parts)
-        assert len(joined) == len(labels) and len(np.unique(joined)) == len(labels)
-        assert parts[0].tolist() == dirichlet_label_partition(labels, 8, alpha, seed=3)[0].tolist()
-    classes = lambda alpha: np.mean([len(np.unique(labels[p])) for p in dirichlet_label_partition(labels, 8, alpha, 0)])
-    assert classes(0.1) < 6 < classes(100.0)
+def test_client_indices_are_the_label_partition_of_the_training_labels():
+    labels = torch.arange(200) % 5
+    data = torch.utils.data.TensorDataset(torch.randn(200, 3), labels)
+    for alpha in (None, 0.1):
+        parts = [client_indices(data, c, 4, alpha, seed=3) for c in range(4)]
+        assert sorted(torch.cat(parts).tolist()) == list(range(200))
+        expected = dirichlet_label_partition(labels, 4, alpha, 3)
+        assert all(torch.equal(p, e) for p, e in zip(parts, expected))
+    with pytest.raises(ISTError, match="partition-id"):
+        client_indices(data, 4, 4, 0.5, 0)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"labels": [0.5, 1.5], "clients": 2, "alpha": 1.0}, "integer"),
-    ({"labels": [0, 1], "clients": 0, "alpha": 1.0}, "clients"),
-    ({"labels": [0, 1], "clients": 2, "alpha": 0.0}, "alpha"),
-    ({"labels": [0, 1], "clients": 3, "alpha": None}, "cannot give"),
-])
-def test_bad_partition_arguments_are_refused(kwargs, message):
-    with pytest.raises(ISTError, match=message):
-        dirichlet_label_partition(**kwargs)
+def test_a_model_files_client_data_replaces_the_dirichlet_partition(tmp_path, model_file):
+    path = tmp_path / "own_clients.py"
+    path.write_text(MODEL + textwrap.dedent('''
+
+        def client_data(client, clients, seed=0):
+            x = torch.full((3 + client, 6), float(client * 100 + clients * 10 + seed), dtype=torch.float64)
+            return TensorDataset(x, torch.zeros(3 + client, dtype=torch.int64))
+    '''))
+    loaded = load_model_file(path)
+    data, indices = client_dataset(loaded, "auto", 2, 4, 0.1, seed=1)
+    assert len(data) == 5 and indices.tolist() == [0, 1, 2, 3, 4]
+    assert torch.all(data.tensors[0] == 241.0)  # client 2 of 4, seed 1: the file's own split, not --dirichlet's
+    batch = ClientBatches(data, indices, 2, 0, 2).batch(0)
+    assert batch[0].shape == (2, 6) and torch.all(batch[0] == 241.0)
+    # without client_data: the Dirichlet partition of train_data()
+    plain = load_model_file(model_file)
+    train, indices = client_dataset(plain, "auto", 1, 3, 0.5, seed=0)
+    assert len(train) == 60 and torch.equal(indices, client_indices(train, 1, 3, 0.5, 0))
+    with pytest.raises(ISTError, match="partition-id"):
+        client_dataset(loaded, "auto", 4, 4, None, 0)
 
 
 def test_client_batches_continue_from_any_position():
@@ -229,6 +241,30 @@ def test_capacity_classes_stay_with_their_clients(model_file, task_identity):
         for client in strategy.stats[round].clients:
             assert seen.setdefault(client.node, client.slot) == client.slot
     assert strategy.capacity == {3: 0, 5: 1, 7: 0, 9: 1, 11: 0}
+
+
+
+def test_fedavg_samples_the_clients_ist_samples(model_file, task_identity):
+    loaded = load_model_file(model_file)
+    ist = istfx.compile(loaded.model, example_inputs=loaded.example_inputs, subnets=2)
+    nodes = [11, 5, 9, 7, 3, 13, 2, 8]
+    ist_strategy = ISTStrategy(ist, participation=0.25, seed=3)
+    fedavg = RecordingFedAvg(fraction_train=0.25, fraction_evaluate=0.0, min_available_nodes=len(nodes), seed=3)
+    arrays = ArrayRecord(loaded.model.state_dict())
+    per_round = []
+    for round in (1, 2, 3, 4):
+        ist_strategy.configure_train(round, ArrayRecord(), ConfigRecord(), _Grid(nodes))
+        messages = list(fedavg.configure_train(round, arrays, ConfigRecord(), _Grid(nodes)))
+        ist_nodes = [c.node for c in ist_strategy.stats[round].clients]
+        assert [m.metadata.dst_node_id for m in messages] == ist_nodes
+        assert [c.node for c in fedavg.stats[round].clients] == ist_nodes
+        assert messages[0].content["config"]["server-round"] == round
+        per_round.append(tuple(ist_nodes))
+    assert len(set(per_round)) > 1  # the sample changes from round to round
+    other = RecordingFedAvg(fraction_train=0.25, fraction_evaluate=0.0, min_available_nodes=len(nodes), seed=4)
+    others = [tuple(m.metadata.dst_node_id for m in other.configure_train(r, arrays, ConfigRecord(), _Grid(nodes)))
+              for r in (1, 2, 3, 4)]
+    assert others != per_round
 
 
 @pytest.fixture
@@ -341,6 +377,31 @@ def test_tls_options_need_every_file(tmp_path, model_file, capsys):
     assert "TLS files not found" in capsys.readouterr().err
 
 
+def test_sigterm_stops_fl_as_ctrl_c_does(model_file, monkeypatch, capsys):
+    import os
+    import signal
+    import time
+
+    from istfx.cli import fl
+    from istfx.cli.main import main
+
+    seen = {}
+
+    def federation(args, settings, tls, logs, app_dir):
+        seen["tmp"] = app_dir.parent
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler interrupts this
+        return 0
+
+    monkeypatch.setattr(fl, "_run_federation", federation)
+    before = signal.getsignal(signal.SIGTERM)
+    begin = time.monotonic()
+    assert main(["fl", str(model_file), "--clients", "2"]) == 130
+    assert time.monotonic() - begin < 4
+    assert not seen["tmp"].exists()  # the run's temporary folder is removed, as on Ctrl-C
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
 def test_federation_processes_die_with_a_killed_launcher(tmp_path) -> None:
     """`kill -9` of the launcher: what it spawned (SuperLink, SuperNodes, flwr run) gets the parent-death signal."""
     import os
@@ -395,3 +456,19 @@ def test_fl_removes_the_folders_of_killed_launchers(tmp_path) -> None:
     _remove_orphaned_folders(tmp_path)
     assert not orphan.exists()
     assert live.exists() and foreign.exists()
+
+
+def test_local_seconds_time_the_steps_not_the_optimizer_construction():
+    from istfx.flower.local import train_steps
+
+    model = torch.nn.Linear(3, 2)
+
+    def slow_optimizer(parameters):
+        import time
+        time.sleep(0.5)  # stands in for a first optimizer's one-time torch._dynamo import
+        return torch.optim.SGD(parameters, lr=0.1)
+
+    batches = [(torch.randn(4, 3), torch.tensor([0, 1, 0, 1]))] * 2
+    result = train_steps(model, list(model.parameters()), batches, slow_optimizer, torch.nn.functional.cross_entropy)
+    assert result.steps == 2 and result.samples == 8
+    assert result.seconds < 0.5

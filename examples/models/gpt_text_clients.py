@@ -7,9 +7,9 @@ document per topic. About 10% of the bytes, as whole topics, are held out for
 validation (``eval_data``); ``client_data(client, clients)`` gives client
 `client` the topics dealt to it whole
 (:func:`istfx.runtime.federated_data.document_partition`), so clients differ
-by subject the way real writers do. ``istfx fl`` does not call
-``client_data`` yet: it deals the windows of ``train_data()`` to clients at
-random (without ``--dirichlet``; the targets are byte sequences, not labels).
+by subject the way real writers do; ``istfx fl`` trains each client on its
+``client_data`` (``--dirichlet`` does not apply: the targets are byte
+sequences, not labels).
 Samples are non-overlapping 64-byte windows with the next byte as target.
 2 layers, 4 heads, d_model 64: IST splits heads and MLP units.
 """

@@ -20,7 +20,9 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -51,7 +53,8 @@ examples:
   istfx fl examples/models/mlp_digits.py --clients 16 --strategy fedavg --metrics fedavg.jsonl
   istfx fl examples/models/mlp_digits.py --clients 4 --write-app fl-app/   # then: flwr run fl-app/ SUPERLINK
 
-exit status: 0 when every round completed, 2 on a usage, model or federation error, 130 when interrupted."""
+exit status: 0 when every round completed, 2 on a usage, model or federation error, 130 when interrupted
+(Ctrl-C or SIGTERM)."""
 
 
 def _alpha(text: str) -> float | None:
@@ -153,12 +156,30 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
         return 0
     tls = _tls(args)
     _remove_orphaned_folders(Path(tempfile.gettempdir()))
-    with tempfile.TemporaryDirectory(prefix=_TMP_PREFIX) as tmp:
+    with _sigterm_as_interrupt(), tempfile.TemporaryDirectory(prefix=_TMP_PREFIX) as tmp:
         (Path(tmp) / _OWNER_FILE).write_text(str(os.getpid()))
         logs = Path(args.logs).resolve() if args.logs else Path(tmp) / "logs"
         metrics = str(Path(args.metrics).resolve()) if args.metrics else str(Path(tmp) / "metrics.jsonl")
         settings = settings_from_args(args, str(model.resolve()), metrics)
         return _run_federation(args, settings, tls, logs, Path(tmp) / "app")
+
+
+class _sigterm_as_interrupt:
+    """While active (in the main thread), SIGTERM raises KeyboardInterrupt, so ``kill PID`` stops the
+    federation the way Ctrl-C does: its processes are stopped, its temporary folder removed, exit status 130."""
+
+    def __enter__(self) -> None:
+        self.previous = None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, self._interrupt)
+
+    @staticmethod
+    def _interrupt(signum, frame) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    def __exit__(self, *exc) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
 
 
 _TMP_PREFIX = "istfx-fl-"

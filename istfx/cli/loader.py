@@ -8,7 +8,10 @@ A model file is ordinary Python that defines
 - for ``istfx train``: ``train_data()`` / ``eval_data()`` returning datasets
   of ``(input, label)`` pairs (or a pair of tensors), ``loss_fn``; or, for
   batches that are not rows of a dataset (graphs), ``train_batches(subnet,
-  subnets, seed)`` and ``eval_batches()`` returning iterables of batches.
+  subnets, seed)`` and ``eval_batches()`` returning iterables of batches;
+- for ``istfx fl``: ``train_data()`` / ``eval_data()`` and optionally
+  ``client_data(client, clients, seed)``, a client's own dataset, used
+  instead of a ``--dirichlet`` partition of ``train_data()``.
 
 The file's folder is first on ``sys.path`` while it loads, so it can import
 its neighbours. Problems are :class:`~istfx.errors.ISTError` s that say what
@@ -38,6 +41,13 @@ MODEL.py is a Python file that defines:
                    least 2. When omitted, inputs come from a Hugging Face
                    model's dummy_inputs or from the model's first
                    Linear/Conv/Embedding layer.
+  train_data(), eval_data()      (istfx train, istfx fl) datasets of
+                   (input, label) pairs; istfx fl partitions train_data()
+                   among its clients (--dirichlet) and evaluates on eval_data();
+  client_data(client, clients, seed)   (istfx fl, optional) client `client`'s
+                   own dataset out of `clients`; when defined each client
+                   trains on it instead of a --dirichlet partition of
+                   train_data() (eval_data() stays the held-out set).
 The file's folder is on sys.path while it loads."""
 
 

@@ -39,7 +39,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from istfx.errors import ISTError
-from istfx.flower.data import ClientBatches, LoadedModelFile, client_indices, datasets
+from istfx.flower.data import ClientBatches, LoadedModelFile, client_dataset
 from istfx.flower.local import train_steps
 from istfx.flower.settings import FederatedSettings
 from istfx.flower.wire import SubnetDescription, WireError, payload_bytes, record_to_tensors, tensors_to_record
@@ -96,8 +96,8 @@ class ClientState:
         key = (str(settings.model_path(self.app_dir)), settings.data, settings.seed, settings.dirichlet,
                partition, partitions, settings.batch_size)
         if key not in self._data:
-            train, _ = datasets(loaded, settings.data, settings.seed)
-            indices = client_indices(train, partition, partitions, settings.dirichlet, settings.seed)
+            train, indices = client_dataset(loaded, settings.data, partition, partitions, settings.dirichlet,
+                                            settings.seed)
             self._data[key] = (train, ClientBatches(train, indices, settings.batch_size, settings.seed, partition))
         return self._data[key][1]
 

@@ -1,7 +1,7 @@
 """Each client's data: its partition of the model file's training set, in seeded batches.
 
 :func:`client_indices` deals the training set among the clients (IID or
-Dirichlet label skew, :func:`istfx.runtime.partition.dirichlet_label_partition`);
+Dirichlet label skew, :func:`istfx.runtime.federated_data.dirichlet_label_partition`);
 :class:`ClientBatches` iterates one client's samples in batches whose order
 depends only on ``(seed, client, epoch)``, starting at any batch position, so
 a client process started fresh each round continues where the last one
@@ -18,9 +18,9 @@ from torch.utils.data import default_collate
 
 from istfx.errors import ISTError
 from istfx.runtime.data import as_dataset, digits
-from istfx.runtime.partition import dirichlet_label_partition
+from istfx.runtime.federated_data import dirichlet_label_partition, labels_of
 
-__all__ = ["ClientBatches", "LoadedModelFile", "client_indices", "datasets", "labels_of"]
+__all__ = ["ClientBatches", "LoadedModelFile", "client_dataset", "client_indices", "datasets", "labels_of"]
 
 
 class LoadedModelFile(Protocol):
@@ -44,21 +44,34 @@ def datasets(loaded: LoadedModelFile, data: str, seed: int) -> tuple[Any, Any]:
             as_dataset(eval_data(), "eval_data()") if eval_data else None)
 
 
-def labels_of(dataset: Any) -> np.ndarray:
-    """The integer label of every sample of a dataset of ``(input, label)`` pairs."""
-    tensors = getattr(dataset, "tensors", None)
-    if tensors is not None and len(tensors) == 2:
-        return tensors[1].cpu().numpy()
-    return np.asarray([int(dataset[i][1]) for i in range(len(dataset))])
-
-
-def client_indices(dataset: Any, client: int, clients: int, alpha: float | None, seed: int) -> np.ndarray:
+def client_indices(dataset: Any, client: int, clients: int, alpha: float | None, seed: int) -> torch.Tensor:
     """Sample indices of client `client` of `clients` (IID when `alpha` is None)."""
     if not 0 <= client < clients:
         raise ISTError(f"client {client} is not one of the {clients} partitions (partition-id must be in "
                        f"0..{clients - 1}).")
-    labels = labels_of(dataset) if alpha is not None else np.zeros(len(dataset), dtype=np.int64)
+    labels = labels_of(dataset) if alpha is not None else torch.zeros(len(dataset), dtype=torch.int64)
     return dirichlet_label_partition(labels, clients, alpha, seed)[client]
+
+
+def client_dataset(loaded: LoadedModelFile, data: str, client: int, clients: int, alpha: float | None,
+                   seed: int) -> tuple[Any, torch.Tensor]:
+    """Client `client`'s training data as ``(dataset, indices into it)``.
+
+    A model file that defines ``client_data(client, clients, seed)`` gives each
+    client its own dataset (a split the file knows, e.g. text by document);
+    it overrides `alpha`, and every one of its samples is the client's.
+    Otherwise the client holds its :func:`client_indices` of the training set
+    of :func:`datasets`.
+    """
+    if not 0 <= client < clients:
+        raise ISTError(f"client {client} is not one of the {clients} partitions (partition-id must be in "
+                       f"0..{clients - 1}).")
+    own = loaded.function("client_data") if data != "digits" else None
+    if own is not None:
+        dataset = as_dataset(own(client, clients, seed), "client_data()")
+        return dataset, torch.arange(len(dataset))
+    train, _ = datasets(loaded, data, seed)
+    return train, client_indices(train, client, clients, alpha, seed)
 
 
 class ClientBatches:
@@ -69,7 +82,7 @@ class ClientBatches:
     The last partial batch of an epoch is dropped when a full one exists.
     """
 
-    def __init__(self, dataset: Any, indices: np.ndarray, batch_size: int, seed: int, client: int) -> None:
+    def __init__(self, dataset: Any, indices: torch.Tensor | np.ndarray, batch_size: int, seed: int, client: int) -> None:
         if len(indices) == 0:
             raise ISTError(f"client {client} has no training samples: use fewer clients or a larger alpha.")
         self.dataset = dataset

@@ -149,7 +149,7 @@ def run(grid: Grid, settings: FederatedSettings, load_model: ModelLoader,
         count = max(1, int(settings.participation * settings.clients + 0.5))
         strategy = RecordingFedAvg(fraction_train=settings.participation, fraction_evaluate=0.0,
                                    min_train_nodes=count, min_available_nodes=settings.clients,
-                                   round_timeout=settings.round_timeout)
+                                   seed=settings.seed, round_timeout=settings.round_timeout)
 
         def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
             if server_round == 0:

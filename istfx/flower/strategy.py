@@ -30,9 +30,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Strategy
+from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from istfx.core.compiler import ISTModel, SubnetInfo
 from istfx.errors import ISTError
@@ -279,17 +280,33 @@ class ISTStrategy(Strategy):
 
 
 class RecordingFedAvg(FedAvg):
-    """Flower's FedAvg, unchanged, keeping the same per-round record as :class:`ISTStrategy`."""
+    """Flower's FedAvg, keeping the same per-round record as :class:`ISTStrategy` and sampling the same clients.
 
-    def __init__(self, *args, round_timeout: float = 600.0, **kwargs) -> None:
+    Aggregation is Flower's. Sampling is not Flower's unseeded ``random.sample``
+    but :func:`sample_clients` with `seed` and ``fraction_train``, as
+    :class:`ISTStrategy` samples: given the same nodes, seed and participation
+    both strategies train the same nodes every round. (Separate federations get
+    random node IDs from their SuperLink, so their samples, taken by rank among
+    the sorted IDs, are different partitions.)
+    """
+
+    def __init__(self, *args, seed: int = 0, round_timeout: float = 600.0, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        self.seed = seed
         self.round_timeout = round_timeout
         self.stats: dict[int, RoundStats] = {}
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        """FedAvg's messages; records who was sampled and the bytes sent."""
-        messages = list(super().configure_train(server_round, arrays, config, grid))
+        """FedAvg's messages to the seeded sample; records who was sampled and the bytes sent."""
+        if self.fraction_train == 0.0:
+            return []
+        _, nodes = sample_nodes(grid, self.min_available_nodes, 0)  # waits for min_available_nodes
+        sampled = sample_clients(nodes, self.fraction_train, self.seed, server_round - 1)
+        log.info("round %d: %d of %d clients sampled", server_round, len(sampled), len(nodes))
+        config["server-round"] = server_round
+        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+        messages = list(self._construct_messages(record, sampled, MessageType.TRAIN))
         down = sum(int(np.asarray(a.numpy()).nbytes) for a in arrays.values())
         self.stats[server_round] = RoundStats(server_round, [ClientReport(m.metadata.dst_node_id, -1, down)
                                                              for m in messages])

@@ -39,6 +39,8 @@ class WidthPass:
             if g.units < self.subnets:
                 kept_whole[g.id] = (f"{g.units} units < {self.subnets} subnets "
                                     "(kept whole: dealing them out would leave a subnet with none)")
+            elif g.constants_only:
+                kept_whole[g.id] = "holds no parameter or buffer, only constants the graph computes: nothing to train"
             elif g.inner and not self.split_inner:
                 kept_whole[g.id] = "minor factor of a viewed axis (e.g. head_dim); split_inner=True cuts it"
             else:

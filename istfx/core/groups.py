@@ -46,6 +46,7 @@ class Group:
     members: list[Member] = field(default_factory=list)
     status: str = EXACT
     reasons: list[str] = field(default_factory=list)
+    constants_only: bool = False  # every member is a constant the graph computes: no parameter or buffer
 
     @property
     def inner(self) -> bool:
@@ -78,6 +79,7 @@ def build_groups(result: AnalysisResult) -> list[Group]:
                 if member not in group.members:
                     group.members.append(member)
     for group in groups.values():
+        group.constants_only = all(result.state[m.tensor].kind == "constant" for m in group.members)
         flags = alg.flags(group.atom)
         if flags.frozen:
             group.status, group.reasons = FROZEN, list(flags.frozen)

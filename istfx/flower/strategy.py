@@ -122,6 +122,19 @@ def deal_slots(sampled: list[int], subnets: int, capacity: dict[int, int] | None
     return {n: k % subnets for k, n in enumerate(sampled)}
 
 
+def _answered(stats, replies: Iterable[Message]):
+    """(client, reply) for each reply of a client sampled this round; error replies mark their client dropped."""
+    by_node = {c.node: c for c in stats.clients}
+    for reply in replies:
+        client = by_node.get(reply.metadata.src_node_id)
+        if client is None:
+            continue
+        if reply.has_error():
+            client.dropped = f"error reply: {reply.error.reason}"
+            continue
+        yield client, reply
+
+
 def _average(parts: list[tuple[torch.Tensor, float]]) -> torch.Tensor:
     """Weighted mean of same-shaped tensors (integer tensors take the maximum)."""
     if len(parts) == 1:
@@ -202,15 +215,8 @@ class ISTStrategy(Strategy):
         """Average the replies per slot and reassemble; clients that failed keep their units' values."""
         ist, plan = self.ist, self.ist.plan
         stats = self.stats[server_round]
-        by_node = {c.node: c for c in stats.clients}
         per_slot: dict[int, list[tuple[dict[str, torch.Tensor], float]]] = {}
-        for reply in replies:
-            client = by_node.get(reply.metadata.src_node_id)
-            if client is None:
-                continue
-            if reply.has_error():
-                client.dropped = f"error reply: {reply.error.reason}"
-                continue
+        for client, reply in _answered(stats, replies):
             try:
                 tensors, metrics = self._read_reply(reply, client.slot)
             except (ISTError, KeyError, TypeError, ValueError) as exc:
@@ -317,14 +323,7 @@ class RecordingFedAvg(FedAvg):
         """FedAvg's aggregate; records who replied, with their measurements."""
         replies = list(replies)
         stats = self.stats[server_round]
-        by_node = {c.node: c for c in stats.clients}
-        for reply in replies:
-            client = by_node.get(reply.metadata.src_node_id)
-            if client is None:
-                continue
-            if reply.has_error():
-                client.dropped = f"error reply: {reply.error.reason}"
-                continue
+        for client, reply in _answered(stats, replies):
             metrics = dict(reply.content["metrics"]) if "metrics" in reply.content else {}
             metrics["bytes-up"] = sum(int(np.asarray(a.numpy()).nbytes) for a in reply.content["arrays"].values())
             client.metrics = metrics
